@@ -1,0 +1,111 @@
+/* Public local entry points: validate, choose an algorithm, run its kernel. */
+#include <stddef.h>
+
+#include "pcm_internal.h"
+
+typedef struct kernel_set {
+    pcm_forward_fn forward[2];               /* indexed by pcm_dtype */
+    pcm_backward_data_fn backward_data[2];
+    pcm_backward_weight_fn backward_weight[2];
+} kernel_set;
+
+static const kernel_set reference_kernels = {
+    {pcm_ref_forward_f32, pcm_ref_forward_f64},
+    {pcm_ref_backward_data_f32, pcm_ref_backward_data_f64},
+    {pcm_ref_backward_weight_f32, pcm_ref_backward_weight_f64},
+};
+
+static const kernel_set direct_kernels = {
+    {pcm_direct_forward_f32, pcm_direct_forward_f64},
+    {pcm_direct_backward_data_f32, pcm_direct_backward_data_f64},
+    {pcm_direct_backward_weight_f32, pcm_direct_backward_weight_f64},
+};
+
+/* Limitation: GEMM and Winograd are not built yet; pcm_algorithm_supported returns 0 for them
+ * and explicit requests return PCM_ERR_UNSUPPORTED. */
+static const kernel_set *kernels_for(int64_t algorithm)
+{
+    switch (algorithm) {
+    case PCM_ALGO_DIRECT: return &direct_kernels;
+    case PCM_ALGO_REFERENCE: return &reference_kernels;
+    default: return NULL;
+    }
+}
+
+int pcm_algorithm_supported(int64_t algorithm, int op, const pcm_conv_desc *desc)
+{
+    if (op < PCM_OP_FORWARD || op > PCM_OP_BACKWARD_WEIGHT || pcm_desc_check(desc) != PCM_OK)
+        return 0;
+    if (algorithm == PCM_ALGO_AUTO)
+        return 1;
+    return kernels_for(algorithm) != NULL;
+}
+
+/* The algorithm a call runs: the requested one, or the heuristic's choice for AUTO. */
+static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_desc *d)
+{
+    (void)op;
+    (void)d;
+    if (exec != NULL && exec->algorithm != PCM_ALGO_AUTO)
+        return exec->algorithm;
+    return PCM_ALGO_DIRECT;
+}
+
+/* Common checks of every entry point; fills *kernels_out on success. */
+static pcm_status prepare(int dtype, const pcm_conv_desc *d, const pcm_exec *exec, int op,
+                          const kernel_set **kernels_out)
+{
+    pcm_status status = pcm_desc_check(d);
+    if (status != PCM_OK)
+        return status;
+    if (dtype != PCM_FLOAT32 && dtype != PCM_FLOAT64)
+        return PCM_ERR_INVALID_ARGUMENT;
+    if (exec == NULL || exec->algorithm < PCM_ALGO_AUTO || exec->algorithm > PCM_ALGO_REFERENCE ||
+        exec->threads < 0 || exec->block_k < 0 || exec->block_c < 0 || exec->block_w < 0)
+        return PCM_ERR_INVALID_ARGUMENT;
+
+    int64_t algorithm = choose_algorithm(exec, op, d);
+    if (!pcm_algorithm_supported(algorithm, op, d))
+        return PCM_ERR_UNSUPPORTED;
+    *kernels_out = kernels_for(algorithm);
+    return *kernels_out != NULL ? PCM_OK : PCM_ERR_UNSUPPORTED;
+}
+
+pcm_status pcm_conv2d_forward(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,
+                              const void *input, const void *weight, const void *bias,
+                              void *output)
+{
+    const kernel_set *kernels = NULL;
+    pcm_status status = prepare(dtype, desc, exec, PCM_OP_FORWARD, &kernels);
+    if (status != PCM_OK)
+        return status;
+    if (input == NULL || weight == NULL || output == NULL)
+        return PCM_ERR_INVALID_ARGUMENT;
+    return kernels->forward[dtype](desc, exec, input, weight, bias, output);
+}
+
+pcm_status pcm_conv2d_backward_data(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,
+                                    const void *grad_output, const void *weight, void *grad_input)
+{
+    const kernel_set *kernels = NULL;
+    pcm_status status = prepare(dtype, desc, exec, PCM_OP_BACKWARD_DATA, &kernels);
+    if (status != PCM_OK)
+        return status;
+    if (grad_output == NULL || weight == NULL || grad_input == NULL)
+        return PCM_ERR_INVALID_ARGUMENT;
+    return kernels->backward_data[dtype](desc, exec, grad_output, weight, grad_input);
+}
+
+pcm_status pcm_conv2d_backward_weight(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,
+                                      const void *grad_output, const void *input,
+                                      void *grad_weight, void *grad_bias)
+{
+    const kernel_set *kernels = NULL;
+    pcm_status status = prepare(dtype, desc, exec, PCM_OP_BACKWARD_WEIGHT, &kernels);
+    if (status != PCM_OK)
+        return status;
+    if (grad_output == NULL || input == NULL || (grad_weight == NULL && grad_bias == NULL))
+        return PCM_ERR_INVALID_ARGUMENT;
+    return kernels->backward_weight[dtype](desc, exec, grad_output, input, grad_weight,
+                                           grad_bias);
+}

@@ -1,0 +1,17 @@
+/* Reference kernels for float32 and float64 (see conv2d_ref.inc). */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "pcm_internal.h"
+
+#define T float
+#define SUFFIX f32
+#include "conv2d_ref.inc"
+#undef T
+#undef SUFFIX
+
+#define T double
+#define SUFFIX f64
+#include "conv2d_ref.inc"
+#undef T
+#undef SUFFIX

@@ -1,0 +1,122 @@
+"""Plans: how one convolution runs (strategy, ranks, threads, algorithm, tiles) and why.
+
+``plan()`` is the public way to see the choice a call would make; ``conv2d`` and
+``conv2d_backward`` accept a Plan through ``plan=`` to force one.
+"""
+
+import dataclasses
+import logging
+import os
+
+from . import _lib
+
+logger = logging.getLogger(__name__)
+
+OPS = ("forward", "backward")
+ALGORITHMS = tuple(_lib.ALGORITHMS)
+STRATEGIES = ("local",) + tuple(_lib.STRATEGIES)
+SOURCES = ("profile", "heuristic", "user")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a convolution runs.
+
+    Attributes
+    ----------
+    strategy : str
+        ``"local"`` for one process, else ``"batch"``, ``"channels"``, ``"rows"`` or ``"hybrid"``.
+    active_ranks : int
+        Ranks that compute; the rest of the communicator only takes part in collectives.
+    threads : int
+        OpenMP threads per rank; 0 means the OpenMP default.
+    algorithm : str
+        One of ``"auto"``, ``"direct"``, ``"gemm"``, ``"winograd"``, ``"reference"``.
+    block_k, block_c, block_w : int
+        Tile sizes (output channels, input channels, output columns); 0 lets the kernel choose.
+    grid : tuple of int
+        ``(batch, channels)`` process grid of the hybrid strategy, else ``(0, 0)``.
+    source : str
+        Where the choice came from: ``"profile"``, ``"heuristic"`` or ``"user"``.
+    """
+
+    strategy: str = "local"
+    active_ranks: int = 1
+    threads: int = 0
+    algorithm: str = "auto"
+    block_k: int = 0
+    block_c: int = 0
+    block_w: int = 0
+    grid: tuple = (0, 0)
+    source: str = "user"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Plan: strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r}"
+            )
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"Plan: algorithm must be one of {', '.join(map(repr, ALGORITHMS))}; got {self.algorithm!r}"
+            )
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"Plan: source must be one of {', '.join(map(repr, SOURCES))}; got {self.source!r}"
+            )
+        for name in ("active_ranks", "threads", "block_k", "block_c", "block_w"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Plan: {name} must be a non-negative integer; got {value!r}")
+        if (
+            not isinstance(self.grid, tuple)
+            or len(self.grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.grid)
+        ):
+            raise ValueError(f"Plan: grid must be a pair of non-negative integers; got {self.grid!r}")
+
+    def exec_struct(self):
+        """Return the ``pcm_exec`` mirror for this plan."""
+        return _lib.Exec(
+            _lib.ALGORITHMS[self.algorithm], self.threads, self.block_k, self.block_c, self.block_w
+        )
+
+    def to_dict(self):
+        """Return the plan as a JSON-ready dictionary."""
+        data = dataclasses.asdict(self)
+        data["grid"] = list(self.grid)
+        return data
+
+    @classmethod
+    def from_dict(cls, data, source=None):
+        """Build a Plan from ``to_dict()`` output; raises ValueError on unknown or bad fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Plan: unknown fields {sorted(unknown)}; known fields are {sorted(known)}")
+        values = dict(data)
+        if "grid" in values:
+            values["grid"] = tuple(values["grid"])
+        if source is not None:
+            values["source"] = source
+        return cls(**values)
+
+
+def env_threads():
+    """Return OMP_NUM_THREADS's first value if it is a positive integer, else 0."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 0
+
+
+def local_plan(geo, op, dtype):
+    """Return the heuristic plan of a call on this process alone."""
+    return Plan(strategy="local", active_ranks=1, threads=0, algorithm="auto", source="heuristic")
+
+
+def desc_struct(geo):
+    """Return the ``pcm_conv_desc`` mirror of a validated Geometry."""
+    top, bottom, left, right = geo.padding
+    return _lib.ConvDesc(
+        geo.n, geo.c, geo.h, geo.w, geo.k, geo.r, geo.s, geo.out_h, geo.out_w,
+        geo.stride[0], geo.stride[1], top, left, bottom, right,
+        geo.dilation[0], geo.dilation[1], geo.groups,
+    )
