@@ -12,7 +12,7 @@ from .errors import (
     RemoteRankError,
     UnsupportedError,
 )
-from .plan import Plan
+from .plan import Plan, plan
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -22,6 +22,7 @@ __all__ = [
     "conv2d_backward",
     "Conv2dGrads",
     "Plan",
+    "plan",
     "PyconvmpiError",
     "InvalidArgumentError",
     "UnsupportedError",

@@ -88,7 +88,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     V.check_same_dtype({"input": x, "weight": w, "bias": b}, fn)
     geo = V.geometry(x.shape, w.shape, stride, padding, dilation, groups, fn)
     V.check_bias(b, geo, fn)
-    chosen = plan if plan is not None else _plan.local_plan(geo, "forward", x.dtype)
+    chosen = plan if plan is not None else _plan.choose(geo, "forward", x.dtype)
 
     output = np.empty(geo.output_shape, dtype=x.dtype)
     _lib.conv2d_forward(_plan.desc_struct(geo), chosen.exec_struct(), x, w, b, output)
@@ -137,7 +137,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     V.check_same_dtype({"grad_output": go, "input": x, "weight": w}, fn)
     geo = V.geometry(x.shape, w.shape, stride, padding, dilation, groups, fn)
     check_grad_output_shape(go, geo, fn)
-    chosen = plan if plan is not None else _plan.local_plan(geo, "backward", x.dtype)
+    chosen = plan if plan is not None else _plan.choose(geo, "backward", x.dtype)
     desc, exec_ = _plan.desc_struct(geo), chosen.exec_struct()
 
     grad_input = grad_weight = grad_bias = None

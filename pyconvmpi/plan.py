@@ -112,6 +112,65 @@ def local_plan(geo, op, dtype):
     return Plan(strategy="local", active_ranks=1, threads=0, algorithm="auto", source="heuristic")
 
 
+def choose(geo, op, dtype, comm=None, placement="replicated", strategy="auto"):
+    """Return the plan a call uses: the tuned profile's entry if any, else the heuristic.
+
+    ``op`` is ``"forward"`` or ``"backward"``; ``dtype`` a numpy dtype.
+    """
+    from . import profile
+
+    if comm is None:
+        tuned = profile.lookup(geo, op, dtype)
+        return tuned if tuned is not None else local_plan(geo, op, dtype)
+    from . import distributed
+
+    return distributed.choose_plan(geo, op, dtype, comm, placement, strategy)
+
+
+def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *,
+         dtype="float32", op="forward", comm=None, placement="replicated"):
+    """Return the Plan that ``conv2d`` (op="forward") or ``conv2d_backward`` would use.
+
+    Parameters
+    ----------
+    input_shape, weight_shape : tuple of int
+        Shapes as ``conv2d`` takes them; for ``placement="batch"`` or ``"rows"`` the global
+        input shape.
+    stride, padding, dilation, groups
+        As for ``conv2d``.
+    dtype : {"float32", "float64"}
+    op : {"forward", "backward"}
+    comm : mpi4py communicator, optional
+        Collective when given: every rank must call it.
+    placement : {"replicated", "root", "batch", "rows"}
+
+    Returns
+    -------
+    Plan
+        With ``source`` set to ``"profile"`` or ``"heuristic"``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For the same arguments ``conv2d`` rejects, an unknown dtype or op.
+    """
+    import numpy as np
+
+    from . import _validate as V
+
+    fn = "plan"
+    if op not in OPS:
+        raise ValueError(f"{fn}: op must be one of {', '.join(map(repr, OPS))}; got {op!r}")
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{fn}: dtype must be 'float32' or 'float64'; got {dtype!r}") from None
+    if np_dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be 'float32' or 'float64'; got {dtype!r}")
+    geo = V.geometry(tuple(input_shape), tuple(weight_shape), stride, padding, dilation, groups, fn)
+    return choose(geo, op, np_dtype, comm, placement)
+
+
 def desc_struct(geo):
     """Return the ``pcm_conv_desc`` mirror of a validated Geometry."""
     top, bottom, left, right = geo.padding
