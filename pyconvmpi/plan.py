@@ -120,7 +120,9 @@ def choose(geo, op, dtype, comm=None, placement="replicated", strategy="auto"):
     from . import profile
 
     if comm is None:
-        tuned = profile.lookup(geo, op, dtype)
+        # A local call inside an MPI job shares the node with the job's other ranks, so its
+        # profile key carries the launcher's ranks per node.
+        tuned = profile.lookup(geo, op, dtype, 1, profile.launcher_ranks_per_node())
         return tuned if tuned is not None else local_plan(geo, op, dtype)
     from . import distributed
 
