@@ -6,6 +6,7 @@ under MPI and against replayed timings in tests.
 """
 
 import logging
+import random
 import time
 import warnings
 import zlib
@@ -133,8 +134,9 @@ def search(space, evaluate, study, trials, default_plan, *, start_plan=None, dea
                     measured_before)
     budget = len(space) if exhaustive else min(trials, len(space))
     grid = iter(space.configs)
+    rng = random.Random(f"{study.study_name}|{len(study.trials)}")
     asks = 0
-    while len(cache) < budget and asks < 10 * max(budget, 1):
+    while len(cache) < budget and asks < 2 * budget + 10:
         if deadline is not None and time.monotonic() > deadline:
             break
         asks += 1
@@ -149,8 +151,14 @@ def search(space, evaluate, study, trials, default_plan, *, start_plan=None, dea
         trial.set_user_attr("config", config)
         key = sp.config_key(config)
         if key in cache:
+            # TPE keeps proposing its favourite once it has converged; the repeat is told the
+            # earlier result, and an unmeasured configuration, chosen at random, goes next.
             trial.set_user_attr("repeat", True)
             result = cache[key][1]
+            unmeasured = [c for c in space.configs if sp.config_key(c) not in cache]
+            if unmeasured:
+                params, _ = space.project(unmeasured[rng.randrange(len(unmeasured))])
+                study.enqueue_trial(params, skip_if_exists=False)
         else:
             result = evaluate(sp.to_plan(config), None)
             cache[key] = (config, result)

@@ -263,9 +263,15 @@ class Space:
     requires one distribution per name within a study).
     """
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, configs=None):
         self.ctx = ctx
-        self.configs = enumerate_configs(ctx)
+        if configs is None:
+            self.configs = enumerate_configs(ctx)
+        else:
+            # An explicit list (replayed measurements in tests) is taken as the whole space.
+            for config in configs:
+                check_config(config)
+            self.configs = [dict(c) for c in configs]
         if not self.configs:
             raise ValueError(
                 f"no valid configuration for the {ctx.direction} direction with the fixed "
