@@ -13,6 +13,7 @@ import numpy as np
 import optuna
 import pytest
 
+import pyconvmpi
 from conftest import requires_mpiexec, run_mpi
 
 from pyconvmpi import _lib, errors, layers, profile
@@ -520,19 +521,104 @@ def test_mpiexec_error_on_rank0_ends_every_rank(tmp_path):
 
 @requires_mpiexec
 @pytest.mark.mpi
-def test_mpiexec_collective_mode_without_distributed_fails_cleanly(tmp_path):
-    from pyconvmpi import distributed
+def test_mpiexec_failure_on_rank1_ends_every_rank(tmp_path):
+    from conftest import MPIEXEC
+
+    tune = [sys.executable, "-m", "mpi4py", "-m", "pyconvmpi.tune", TINY[1], "--trials", "2",
+            "--start-timeout", "15", "--profile", str(tmp_path / "p.json")]
+    # MPMD launch: rank 1 alone gets a library path that does not exist.
+    command = ["timeout", "--signal=KILL", "120", str(MPIEXEC), "-n", "1", *tune, ":",
+               "-env", "PYCONVMPI_LIBRARY", str(tmp_path / "missing.so"), "-n", "1", *tune]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=tune_env(tmp_path))
+    assert done.returncode not in (0, -signal.SIGKILL, 128 + signal.SIGKILL)
+    assert time.monotonic() - started < 100
+    assert "missing.so" in done.stderr
+    assert "Timeout (0:00:15)!" in done.stderr  # rank 0 gave up waiting in MPI_Init
+
+
+def test_session_agree_raises_on_failure():
+    from mpi4py import MPI
+
+    from pyconvmpi.tune.driver import AgreedError, Session
+
+    args = cli.build_parser().parse_args([])
+    session = Session(MPI.COMM_SELF, args, collective=False, ranks_per_node=1)
+    assert session.agree(lambda: 5, "compute") == 5
+    with pytest.raises(AgreedError, match="rank 0 could not set up: MemoryError: too big"):
+        session.agree(lambda: (_ for _ in ()).throw(MemoryError("too big")), "set up")
+
+
+def distributed_available():
+    """Return whether collective conv2d runs in this build (tried on COMM_SELF)."""
+    from mpi4py import MPI
 
     try:
-        distributed.conv2d(None, None)
+        pyconvmpi.conv2d(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 3, 3), np.float32),
+                         comm=MPI.COMM_SELF)
     except NotImplementedError:
-        pass
-    except Exception:
-        pytest.skip("distributed conv2d is built; the collective run is tested elsewhere")
+        return False
+    return True
+
+
+LOOKUP_SCRIPT = """
+import sys
+from mpi4py import MPI
+import pyconvmpi
+comm = MPI.COMM_WORLD
+for op in ("forward", "backward"):
+    chosen = pyconvmpi.plan((2, 4, 12, 12), (8, 4, 3, 3), padding=1, op=op, comm=comm)
+    sys.stdout.write(f"{comm.rank} {op} {chosen.source} {chosen.strategy} {chosen.active_ranks}\\n")
+"""
+
+
+@requires_mpiexec
+@pytest.mark.mpi
+def test_mpiexec_collective_tune_used_by_plan(tmp_path):
+    if not distributed_available():
+        pytest.skip("distributed conv2d is not built yet")
+    path = tmp_path / "profile.json"
+    env = {"PYTHONPATH": str(REPO), "PYCONVMPI_PROFILE": str(path)}
+    done = run_mpi(2, ["-m", "pyconvmpi.tune", TINY[0], "--trials", "6", "--mode", "collective"],
+                   timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "collective calls" in done.stdout
+    entries = profile.read_file(path)[0]
+    assert {e["key"]["comm_size"] for e in entries.values()} == {2}
+    for entry in entries.values():
+        plan = Plan.from_dict(entry["plan"])
+        assert plan.strategy in ("batch", "channels", "rows", "hybrid")
+        assert 1 <= plan.active_ranks <= 2
+    script = tmp_path / "lookup.py"
+    script.write_text(LOOKUP_SCRIPT)
+    looked = run_mpi(2, [script], timeout=120, env=env)
+    assert looked.returncode == 0, looked.stderr
+    lines = sorted(looked.stdout.splitlines())
+    assert len(lines) == 4
+    for line in lines:
+        assert line.split()[2] == "profile", line
+
+
+@requires_mpiexec
+@pytest.mark.mpi
+def test_mpiexec_collective_mode_without_distributed_fails_cleanly(tmp_path):
+    if distributed_available():
+        pytest.skip("distributed conv2d is built; see test_mpiexec_collective_tune_used_by_plan")
     done = run_mpi(2, ["-m", "pyconvmpi.tune", TINY[1], "--mode", "collective", "--profile",
                        tmp_path / "p.json"], timeout=120, env={"PYTHONPATH": str(REPO)})
     assert done.returncode != 0
     assert "--mode collective: distributed conv2d failed (NotImplementedError)" in done.stderr
+
+
+def test_cli_timeout_skips_remaining_layers(tmp_path):
+    path = tmp_path / "profile.json"
+    done = run_tune([*TINY, "--trials", "2", "--timeout", "0.001", "--profile", str(path)],
+                    tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The first layer may start before the limit passes; the last one cannot.
+    assert f"--timeout reached; skipping {TINY[1]} float32" in done.stderr
+    entries = profile.read_file(path)[0]
+    assert {e["layer"] for e in entries.values()} <= {TINY[0]}
 
 
 @pytest.mark.benchmark

@@ -1,8 +1,8 @@
 """Command line of ``python -m pyconvmpi.tune``: arguments, the run on every rank, tables."""
 
 import argparse
+import faulthandler
 import logging
-import os
 import sys
 import time
 
@@ -112,8 +112,8 @@ def build_parser():
                         help="untimed calls before each measurement (default: 1)")
     parser.add_argument("--repeats", type=_positive_int, default=3,
                         help="timed calls per measurement; their median counts (default: 3)")
-    parser.add_argument("--retime", type=_non_negative_int, default=3,
-                        help="best plans re-timed with the default before choosing (default: 3)")
+    parser.add_argument("--retime", type=_non_negative_int, default=2,
+                        help="best plans re-timed with the default before choosing (default: 2)")
     parser.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                         help="pin a search parameter to one value (repeatable)")
     parser.add_argument("--mode", choices=("auto", "collective", "local"), default="auto",
@@ -123,6 +123,10 @@ def build_parser():
                         "distributed conv2d is available (default: auto)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="measure every plan of the search space instead of sampling")
+    parser.add_argument("--start-timeout", type=_positive_float, default=120.0,
+                        metavar="SECONDS", help="seconds to wait for every rank to start; if a "
+                        "rank fails before joining, the others print their stack and exit after "
+                        "this (default: 120)")
     parser.add_argument("--profile", default=None, metavar="PATH",
                         help="profile file to write, show or clear (default: see below)")
     parser.add_argument("--storage", default=None, metavar="PATH",
@@ -242,6 +246,7 @@ class Progress:
 
 def main(argv=None):
     """Run the tuner on every rank; return the exit status (0 on success)."""
+    started = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -251,11 +256,17 @@ def main(argv=None):
         parser.error(str(exc))
     path = args.profile or profile.default_path()
 
+    # MPICH's MPI_Init waits for every rank, so a rank that dies before initialising MPI
+    # would leave this one in the import below forever. MPI_Init holds the GIL, so the
+    # watchdog is faulthandler's C thread: it prints the stack ("Timeout ...") and exits.
+    faulthandler.dump_traceback_later(args.start_timeout, exit=True)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     _setup_logging(rank)
+    faulthandler.cancel_dump_traceback_later()
+    _wait_for_ranks(comm, args.start_timeout)
     if args.show or args.clear:
         if rank == 0:
             if args.clear:
@@ -269,7 +280,7 @@ def main(argv=None):
         session = Session(comm, args, collective=False,
                           ranks_per_node=comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size())
         if rank == 0:
-            _drive(session, layers, fixed, path)
+            _drive(session, layers, fixed, path, started)
         else:
             session.serve()
         return 0
@@ -292,10 +303,31 @@ def main(argv=None):
         return 1
 
 
-def _drive(session, layers, fixed, path):
+def _wait_for_ranks(comm, timeout):
+    """Return once every rank has started, or abort the job after ``timeout`` seconds.
+
+    A rank that fails before it initialises MPI (the package cannot load there, say) is
+    invisible to the others, which would wait in their first collective forever. A
+    non-blocking barrier polled against a deadline turns that into a clear error.
+    """
+    if comm.Get_size() == 1:
+        return
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"pyconvmpi.tune: rank {comm.Get_rank()}: not every rank started "
+                             f"within {timeout:.0f} s (--start-timeout); a rank probably failed "
+                             "before joining, see its output above; aborting every rank\n")
+            sys.stderr.flush()
+            comm.Abort(1)
+        time.sleep(0.01)
+
+
+def _drive(session, layers, fixed, path, started):
     """Rank 0's side: choose the mode, run every search, write the profile, print tables."""
     try:
-        summary = _tune(session, layers, fixed, path)
+        summary = _tune(session, layers, fixed, path, started)
     except AgreedError:
         raise
     except BaseException as exc:
@@ -324,12 +356,12 @@ def _choose_mode(session):
     return False
 
 
-def _tune(session, layers, fixed, path):
+def _tune(session, layers, fixed, path, started):
     args = session.args
     collective = _choose_mode(session)
     session.run(("mode", collective))
     storage = _search.open_storage(args.storage)
-    deadline = time.monotonic() + args.timeout if args.timeout else None
+    deadline = started + args.timeout if args.timeout else None
     directions = tuple(dict.fromkeys(d for op in args.ops for d in DIRECTIONS_OF_OP[op]))
     comm_size = session.size if collective else 1
     per_node = session.ranks_per_node
