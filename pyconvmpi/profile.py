@@ -7,7 +7,7 @@ directory (``$XDG_CACHE_HOME/pyconvmpi`` or ``~/.cache/pyconvmpi``)::
      "entries": {"<canonical JSON of the key>": {"key": {...}, "plan": {...},
                  "time_s": ..., "default_time_s": ..., "default_plan": {...}, ...}}}
 
-An entry's key holds the direction, the full layer geometry and options, the dtype, the
+An entry's key contains the direction, the full layer geometry and options, the dtype, the
 communicator size, the ranks per node, the hardware fingerprint (CPU model, SIMD level, cores)
 and the library version and ABI. ``lookup`` loads the file once, keeps the entries that are
 valid on this machine in a dictionary, and reloads only when the file's modification time or
@@ -85,8 +85,8 @@ def launcher_ranks_per_node():
     """Return how many processes of this MPI job share the node, from the launcher's environment.
 
     MPICH's hydra sets ``MPI_LOCALNRANKS`` and Open MPI ``OMPI_COMM_WORLD_LOCAL_SIZE``; without
-    them (no launcher, or another one) the answer is 1. Reading the environment keeps local
-    calls free of MPI collectives.
+    them (no launcher, or another one) it returns 1. Reading the environment keeps local calls
+    free of MPI collectives.
     """
     for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         value = os.environ.get(name, "")
@@ -204,10 +204,10 @@ def entry_problem(entry):
 
 
 def read_file(path):
-    """Read a profile file; return ``(entries, problem)``.
+    """Read a profile file and return ``(entries, problem)``.
 
-    ``entries`` maps key strings to entries (empty if the file is missing or unusable);
-    ``problem`` is None or a short text saying why the whole file was ignored.
+    ``entries`` maps key strings to entries and is empty if the file is missing or unusable.
+    ``problem`` is None, or a short text that says why the whole file was ignored.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -360,8 +360,8 @@ def make_entry(key, plan, time_s, default_plan, default_time_s, **extra):
 def update(entries, path=None):
     """Merge ``entries`` (a list from ``make_entry``) into the profile file and return its path.
 
-    Holds the file lock while it reads the current file, so entries that other jobs wrote in
-    the meantime are kept; an unreadable file is replaced (with a warning).
+    The file lock is held from reading the current file to replacing it, so entries that other
+    jobs wrote in the meantime are kept. An unreadable file is replaced, with a warning.
     """
     path = Path(path) if path is not None else default_path()
     with _locked(path):

@@ -231,7 +231,8 @@ def test_update_replaces_corrupt_file(profile_path, caplog):
     profile.update([entry()])
     assert "replacing it" in warnings_of(caplog)[0].getMessage()
     entries, problem = profile.read_file(profile_path)
-    assert problem is None and len(entries) == 1
+    assert problem is None
+    assert len(entries) == 1
 
 
 def test_update_leaves_no_temporary_files(profile_path):

@@ -34,7 +34,7 @@ backward op, the two backward winners are also timed on the full backward pass, 
 gives the plan conv2d_backward uses.
 
 Threads: each trial runs with its plan's threads per rank (the library's num_threads
-clause), whatever OMP_NUM_THREADS says; OMP_NUM_THREADS only affects the default plan,
+clause), whatever the value of OMP_NUM_THREADS. OMP_NUM_THREADS only affects the default plan,
 which uses the OpenMP default.
 """
 
@@ -434,8 +434,9 @@ def _storable(plan, default_plan, space, ranks_here, cores):
     """Return the plan to store for a search's winner, or None to keep the heuristic.
 
     A winning default plan is stored with its thread count resolved, so the entry does not
-    depend on OMP_NUM_THREADS at call time; if that resolved plan lies outside the search
-    space (it oversubscribes the cores, say), nothing is stored and calls keep the heuristic.
+    depend on OMP_NUM_THREADS at call time. If that resolved plan lies outside the search
+    space (because it oversubscribes the cores, say), nothing is stored and calls keep the
+    heuristic.
     """
     if plan is None or plan is not default_plan:
         return plan

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class AgreedError(RuntimeError):
-    """A failure every rank knows about; each rank raises it with the same message."""
+    """A failure agreed by every rank; each rank raises it with the same message."""
 
 
 def _api_op(direction):
@@ -113,7 +113,7 @@ class Session:
             return choose(geo, _api_op(direction), dtype)
 
     def probe(self):
-        """Return whether collective conv2d works here (every rank gets the same answer)."""
+        """Return whether collective conv2d works here (every rank returns the same result)."""
         x = np.ones((2, 1, 4, 4), np.float32)
         w = np.ones((2, 1, 3, 3), np.float32)
         from ..conv import conv2d

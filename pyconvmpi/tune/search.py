@@ -1,6 +1,6 @@
 """The search of one layer and direction: Optuna proposes, a measurement decides.
 
-``search`` runs on the rank that owns the study (rank 0). It only sees an ``evaluate(plan,
+``search`` runs on the rank that owns the study (rank 0). It calls only an ``evaluate(plan,
 repeats)`` function returning a Measurement, so the same logic runs against real timings
 under MPI and against replayed timings in tests.
 """
@@ -103,7 +103,7 @@ def search(space, evaluate, study, trials, default_plan, *, start_plan=None, dea
     study : optuna.Study
         Fresh or resumed; the trials of a resumed study count towards ``trials``.
     trials : int
-        Distinct configurations to measure (a proposal already measured is told its earlier
+        Distinct configurations to measure (a proposal already measured gets its earlier
         result and costs nothing).
     default_plan : Plan
         The heuristic plan. Its nearest valid configuration is the first trial, and the plan
@@ -151,7 +151,7 @@ def search(space, evaluate, study, trials, default_plan, *, start_plan=None, dea
         trial.set_user_attr("config", config)
         key = sp.config_key(config)
         if key in cache:
-            # TPE keeps proposing its favourite once it has converged; the repeat is told the
+            # TPE keeps proposing its favourite once it has converged; the repeat gets the
             # earlier result, and an unmeasured configuration, chosen at random, goes next.
             trial.set_user_attr("repeat", True)
             result = cache[key][1]

@@ -4,7 +4,7 @@
 returns the valid choices for a layer, given the values already chosen for the parameters it
 depends on. From that one table the tuner derives the help text, the validation of fixed
 values, the enumeration of every valid configuration (the exhaustive grid) and a prefix tree
-that the Optuna sampler walks, so a trial can only ever propose a valid configuration.
+that the Optuna sampler walks. A trial therefore only ever proposes a valid configuration.
 """
 
 import dataclasses
@@ -23,9 +23,9 @@ DIRECTION_OPS = {
 }
 
 # Tile fields each algorithm reads per op; a tile the kernel ignores would only waste trials.
-# Limitation: this table mirrors the kernels of this build (the direct forward kernel reads
-# block_k); a kernel that starts reading another tile needs its entry here before the tuner
-# searches that tile.
+# Limitation: this table mirrors the kernels of this build, where only the direct forward
+# kernel reads a tile (block_k). A kernel that starts reading another tile needs its entry
+# here before the tuner searches that tile.
 TILES_READ = {
     ("direct", "forward"): ("block_k",),
 }
@@ -36,7 +36,7 @@ SEARCH_ALGORITHMS = tuple(a for a in _lib.ALGORITHMS if a != "reference")
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What the valid choices depend on besides earlier choices.
+    """Layer, direction and machine facts that the valid choices depend on.
 
     ``collective`` is True when trials run one call over the whole communicator (strategies
     and active ranks are searched) and False when every rank runs its own local call.
@@ -328,7 +328,12 @@ class Space:
             if value not in choices:
                 numbers = [c for c in choices if isinstance(c, int) and isinstance(value, int)]
                 below = [c for c in numbers if c <= value]
-                value = max(below) if below else (min(numbers) if numbers else choices[0])
+                if below:
+                    value = max(below)
+                elif numbers:
+                    value = min(numbers)
+                else:
+                    value = choices[0]
             if len(choices) > 1:
                 params[self.optuna_name(name, choices)] = value
             projected[name] = value
