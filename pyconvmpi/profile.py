@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from . import _lib
@@ -33,6 +34,7 @@ from ._version import __version__
 
 logger = logging.getLogger(__name__)
 
+CHECK_INTERVAL = 0.5  # seconds between checks of the profile file by lookup()
 SCHEMA = "pyconvmpi-profile"
 SCHEMA_VERSION = 1
 ENV_VAR = "PYCONVMPI_PROFILE"
@@ -50,13 +52,22 @@ _TILE_LIMITS = (("block_k", "output channels per group"), ("block_c", "input cha
                 ("block_w", "output columns"))
 
 
+_paths = {}
+
+
 def default_path():
     """Return the profile path: ``$PYCONVMPI_PROFILE``, else the user cache directory's."""
-    override = os.environ.get(ENV_VAR)
-    if override:
-        return Path(override)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "pyconvmpi" / "profile.json"
+    environ = os.environ
+    settings = (environ.get(ENV_VAR), environ.get("XDG_CACHE_HOME"), environ.get("HOME"))
+    path = _paths.get(settings)
+    if path is None:
+        if settings[0]:
+            path = Path(settings[0])
+        else:
+            cache = settings[1] or os.path.join(os.path.expanduser("~"), ".cache")
+            path = Path(cache) / "pyconvmpi" / "profile.json"
+        _paths[settings] = path
+    return path
 
 
 _fingerprint = None
@@ -95,11 +106,18 @@ def launcher_ranks_per_node():
     return 1
 
 
+_dtype_names = {}
+
+
 def dtype_name(dtype):
     """Return ``"float32"`` or ``"float64"`` for a numpy dtype or its name."""
-    import numpy as np
+    # numpy builds dtype.name anew on every access (microseconds), so names are cached.
+    name = _dtype_names.get(dtype)
+    if name is None:
+        import numpy as np
 
-    return np.dtype(dtype).name
+        name = _dtype_names[dtype] = np.dtype(dtype).name
+    return name
 
 
 def layer_key(geo, direction, dtype, comm_size, ranks_per_node):
@@ -237,6 +255,7 @@ class _Cache:
         self.path = None
         self.state = None
         self.index = {}
+        self.checked = None  # time.monotonic() of the last check of path and file
 
 
 _cache = _Cache()
@@ -277,6 +296,26 @@ def _load(path, state):
     _cache.path, _cache.state, _cache.index = path, state, index
 
 
+def reload():
+    """Make the next ``lookup`` check the profile path and file again, without waiting."""
+    _cache.checked = None
+
+
+def _refresh(now):
+    path = default_path()
+    try:
+        info = os.stat(path)
+        state = (info.st_mtime_ns, info.st_size, info.st_ino)
+    except OSError:
+        state = None
+    if path != _cache.path or state != _cache.state:
+        if state is None:
+            _cache.path, _cache.state, _cache.index = path, None, {}
+        else:
+            _load(path, state)
+    _cache.checked = now
+
+
 def lookup(geo, op, dtype, comm_size=1, ranks_per_node=1):
     """Return the tuned Plan for this layer and communicator size, or None.
 
@@ -293,21 +332,15 @@ def lookup(geo, op, dtype, comm_size=1, ranks_per_node=1):
     -------
     Plan or None
         The profile's plan with ``source="profile"``, or None when the profile has no valid
-        entry for this key. The file is read on the first call and again only after it changed.
+        entry for this key. The file is read on the first call. Later calls check the path
+        and the file's modification time at most every ``CHECK_INTERVAL`` seconds (a stat
+        costs several microseconds on some machines) and reload the file when it changed.
     """
     if _disabled:
         return None
-    path = default_path()
-    try:
-        info = os.stat(path)
-        state = (info.st_mtime_ns, info.st_size, info.st_ino)
-    except OSError:
-        state = None
-    if path != _cache.path or state != _cache.state:
-        if state is None:
-            _cache.path, _cache.state, _cache.index = path, None, {}
-        else:
-            _load(path, state)
+    now = time.monotonic()
+    if _cache.checked is None or now - _cache.checked > CHECK_INTERVAL:
+        _refresh(now)
     if not _cache.index:
         return None
     return _cache.index.get(layer_key(geo, op, dtype, comm_size, ranks_per_node))
@@ -372,6 +405,7 @@ def update(entries, path=None):
         for entry in entries:
             merged[key_string(entry["key"])] = entry
         _write_atomic(path, merged)
+    reload()
     return path
 
 
@@ -383,4 +417,5 @@ def clear(path=None):
             path.unlink()
         except FileNotFoundError:
             return False
+    reload()
     return True

@@ -4,6 +4,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def profile_path(tmp_path, monkeypatch):
     monkeypatch.setenv(profile.ENV_VAR, str(path))
     for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
+    profile.reload()
     return path
 
 
@@ -271,6 +273,16 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
         f"{w + 1}x8x16x16:16x3x3:p{i}" for w in range(4) for i in range(15)}
     json.loads(path.read_text())  # one complete JSON document
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
+
+
+def test_lookup_notices_other_writer(profile_path):
+    geo = geo_of(LAYER)
+    assert profile.lookup(geo, "forward", "float32") is None
+    profile._write_atomic(profile_path.parent.mkdir(parents=True) or profile_path,
+                          {profile.key_string(entry()["key"]): entry()})  # as another process
+    assert profile.lookup(geo, "forward", "float32") is None  # within CHECK_INTERVAL
+    time.sleep(profile.CHECK_INTERVAL + 0.05)
+    assert profile.lookup(geo, "forward", "float32").block_k == 4
 
 
 def test_lookup_reads_file_once(profile_path, monkeypatch):

@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import optuna
 
+from .. import _lib
+from .._version import __version__
 from . import space as sp
 from .measure import Measurement
 
@@ -56,6 +58,8 @@ def open_storage(path):
 def make_study(storage, name, seed):
     """Create or resume the study ``name`` with a TPE sampler seeded from ``seed`` and the name.
 
+    The seed, the library version and the ABI number are stored as study attributes.
+
     Multivariate TPE with ``group=True`` models the conditional parameters of the space
     together; both are flagged experimental by Optuna, so that warning is silenced here.
     """
@@ -67,6 +71,8 @@ def make_study(storage, name, seed):
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     study.set_user_attr("seed", int(seed))
+    study.set_user_attr("version", __version__)
+    study.set_user_attr("abi", _lib.ABI_VERSION)
     return study
 
 
