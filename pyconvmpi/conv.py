@@ -75,7 +75,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         An MPI call failed.
     """
     fn = "conv2d"
-    _check_distribution_names(placement, strategy, plan, fn)
+    if placement != "replicated" or strategy != "auto" or plan is not None:
+        _check_distribution_names(placement, strategy, plan, fn)
     if comm is not None:
         from . import distributed
 
@@ -123,7 +124,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     """
     fn = "conv2d_backward"
     needed = V.need_set(need, fn)
-    _check_distribution_names(placement, strategy, plan, fn)
+    if placement != "replicated" or strategy != "auto" or plan is not None:
+        _check_distribution_names(placement, strategy, plan, fn)
     if comm is not None:
         from . import distributed
 
