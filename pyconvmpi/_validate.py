@@ -84,9 +84,12 @@ def as_array(value, name, fn, allow_none=False):
     if not dtype.isnative:
         logger.debug("%s: copying %s to native byte order", fn, name)
         return value.astype(dtype.newbyteorder("="), order="C")
-    if not value.flags.c_contiguous:
-        logger.debug("%s: copying %s (shape %s) to a C-contiguous array", fn, name, value.shape)
-        return np.ascontiguousarray(value)
+    flags = value.flags
+    if not (flags.c_contiguous and flags.aligned):
+        # C kernels may assume elements aligned to their size, as C requires.
+        logger.debug("%s: copying %s (shape %s) to an aligned C-contiguous array", fn, name,
+                     value.shape)
+        return np.array(value, order="C", copy=True)
     return value
 
 
