@@ -89,6 +89,18 @@ def test_import_and_convolve_elsewhere(installed, tmp_path):
     assert result == EXPECTED_RESULT
 
 
+def test_import_from_source_checkout(installed):
+    # "python -m pytest" in the repository root puts the source tree's package, which holds no
+    # built library, ahead of the installed one; the installed library must still be found.
+    source = installed.parent / "source"
+
+    output = _run([installed / "bin" / "python", "-c", CONVOLVE], source, _clean_env())
+    library, result = output.splitlines()
+
+    assert Path(library).is_relative_to(installed)
+    assert result == EXPECTED_RESULT
+
+
 def test_import_after_mpi4py(installed, tmp_path):
     output = _run([installed / "bin" / "python", "-c", "import mpi4py.MPI\n" + CONVOLVE],
                   tmp_path, _clean_env())
