@@ -71,7 +71,7 @@ def _installed_path():
     """Return where pip installed the library, or None if the package is not installed.
 
     Running Python from a source checkout (``python -m pytest`` in the repository root) imports
-    the source tree's package, which holds no built library, ahead of the installed one.
+    the source tree's package, which contains no built library, ahead of the installed one.
     """
     from importlib import metadata
 

@@ -238,7 +238,7 @@ def geometry_desc(case):
 
 
 def forced_algorithms(case, op):
-    """Return the explicit algorithms the library says can compute ``op`` for this case.
+    """Return the explicit algorithms the library reports it can compute ``op`` for this case.
 
     ``op`` is "forward", "backward_data" or "backward_weight". New algorithms join the parity
     tests as soon as ``pcm_algorithm_supported`` accepts them.

@@ -90,12 +90,12 @@ def check_backward(case, seed):
             assert result.dtype == dtype
             value, scale, terms = expected[name]
             tolerances.assert_close(result, value, scale, dtype=dtype, terms=terms,
-                                    factor=factor, what=f"grad {name}, algorithm {algorithm}")
+                                    factor=factor, label=f"grad {name}, algorithm {algorithm}")
             if torch_grads is not None:
                 tolerances.assert_close(
                     result, torch_grads[name].astype(np.float64), scale, dtype=dtype,
                     terms=terms, factor=factor + tolerances.TORCH_FACTOR,
-                    what=f"grad {name} against PyTorch, algorithm {algorithm}")
+                    label=f"grad {name} against PyTorch, algorithm {algorithm}")
     for name, value, before in zip(("grad_output", "input", "weight"), args, saved):
         assert_unchanged(value, before, name)
 
@@ -150,7 +150,8 @@ def test_need_accepts_single_name_and_list():
     by_name = pyconvmpi.conv2d_backward(go, x, w, need="bias")
     by_list = pyconvmpi.conv2d_backward(go, x, w, need=["bias", "input"])
 
-    assert by_name.input is None and by_name.weight is None
+    assert by_name.input is None
+    assert by_name.weight is None
     assert by_name.bias.tolist() == [4.0]
     assert by_list.weight is None
     assert by_list.input.shape == (1, 1, 4, 4)
@@ -190,8 +191,10 @@ def test_batch_zero_gives_zero_weight_gradient():
     grads = pyconvmpi.conv2d_backward(go, x, w)
 
     assert grads.input.shape == (0, 2, 5, 5)
-    assert (grads.weight == 0).all() and grads.weight.shape == (3, 2, 3, 3)
-    assert (grads.bias == 0).all() and grads.bias.shape == (3,)
+    assert (grads.weight == 0).all()
+    assert grads.weight.shape == (3, 2, 3, 3)
+    assert (grads.bias == 0).all()
+    assert grads.bias.shape == (3,)
 
 
 def test_unbatched_gradients_keep_3d_shape():

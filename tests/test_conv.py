@@ -1,7 +1,7 @@
 """Forward parity of conv2d with the float64 reference and with torch.nn.functional.conv2d.
 
 Every case runs with the automatic choice and with each algorithm the library reports as
-supported for its shape, in both dtypes; the random grid also cycles through memory layouts.
+supported for its shape, in both dtypes. The random grid also cycles through memory layouts.
 """
 
 import numpy as np
@@ -53,7 +53,7 @@ def check_forward(case, seed):
         assert out.flags.c_contiguous
         tolerances.assert_close(out, expected, scale, dtype=dtype, terms=terms,
                                 factor=tolerances.ALGORITHM_FACTOR[algorithm],
-                                what=f"forward, algorithm {algorithm}")
+                                label=f"forward, algorithm {algorithm}")
         if HAS_TORCH:
             import torch
 
@@ -63,7 +63,7 @@ def check_forward(case, seed):
             factor = tolerances.ALGORITHM_FACTOR[algorithm] + tolerances.TORCH_FACTOR
             tolerances.assert_close(out, expected_torch.astype(np.float64), scale, dtype=dtype,
                                     terms=terms, factor=factor,
-                                    what=f"forward against PyTorch, algorithm {algorithm}")
+                                    label=f"forward against PyTorch, algorithm {algorithm}")
     for name, value, before in zip(("input", "weight", "bias"), args, saved):
         assert_unchanged(value, before, name)
 

@@ -90,7 +90,7 @@ def test_import_and_convolve_elsewhere(installed, tmp_path):
 
 
 def test_import_from_source_checkout(installed):
-    # "python -m pytest" in the repository root puts the source tree's package, which holds no
+    # "python -m pytest" in the repository root puts the source tree's package, which contains no
     # built library, ahead of the installed one; the installed library must still be found.
     source = installed.parent / "source"
 

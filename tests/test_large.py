@@ -1,6 +1,6 @@
 """64-bit indexing: arrays with more than 2**31 elements, forward and both backward passes.
 
-Each test holds one array of 2049 x 1024 x 1024 float32 elements (8.6 GB, 2**31 + 2**20
+Each test uses one array of 2049 x 1024 x 1024 float32 elements (8.6 GB, 2**31 + 2**20
 elements), so an index computed in 32 bits would wrap. Values are small integers, so every sum
 is exact in float32 and sampled elements are compared for equality with float64 NumPy. A test
 is skipped when /proc/meminfo reports less available memory than it needs.

@@ -91,7 +91,8 @@ def test_explicit_byte_order(order):
     result = pyconvmpi.conv2d(*swapped, **OPTIONS)
 
     np.testing.assert_array_equal(result, out)
-    assert result.dtype == np.float64 and result.dtype.isnative
+    assert result.dtype == np.float64
+    assert result.dtype.isnative
 
 
 def test_mixed_byte_order_same_dtype_accepted():
@@ -143,7 +144,8 @@ def test_torch_tensor_inputs(dtype):
     np.testing.assert_array_equal(result, out)
     np.testing.assert_array_equal(result_grads.input, grads.input)
     np.testing.assert_array_equal(result_grads.weight, grads.weight)
-    assert tx.grad is None and tw.grad is None
+    assert tx.grad is None
+    assert tw.grad is None
     np.testing.assert_array_equal(tx.detach().numpy(), x)
 
 
