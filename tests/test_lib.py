@@ -17,6 +17,7 @@ import pyconvmpi
 from pyconvmpi import _lib, errors
 
 import reference
+import tolerances
 from cases import forced_algorithms, geometry_desc, random_case
 
 HEADER = Path(__file__).resolve().parents[1] / "cpp" / "include" / "pyconvmpi" / "pcm.h"
@@ -393,32 +394,47 @@ def test_kernels_overwrite_nan_outputs_exactly(seed, dtype):
     out_shape = (desc.n, desc.k, desc.out_h, desc.out_w)
     go = rng.standard_normal(out_shape).astype(dtype)
     code = _lib.FLOAT32 if dtype == "float32" else _lib.FLOAT64
-    expected = pyconvmpi.conv2d(x, w, b, **case.options)
-    expected_grads = pyconvmpi.conv2d_backward(go, x, w, **case.options)
+    options = case.options
+    geo = reference.Geometry(x.shape, w.shape, **options)
+    nhw = geo.n * geo.out_h * geo.out_w
+    expected = {
+        "output": (reference.forward(x, w, b, **options),
+                   reference.abs_forward(x, w, b, **options), geo.cg * geo.r * geo.s + 1),
+        "grad_input": (reference.backward_input(go, x.shape, w, **options),
+                       reference.abs_backward_input(go, x.shape, w, **options),
+                       geo.k // geo.groups * geo.r * geo.s),
+        "grad_weight": (reference.backward_weight(go, x, w.shape, **options),
+                        reference.abs_backward_weight(go, x, w.shape, **options), nhw),
+        "grad_bias": (reference.backward_bias(go), reference.backward_bias(np.abs(go)), nhw),
+    }
 
-    for algorithm in ["auto", *forced_algorithms(case, "forward")]:
-        exec_ = _exec(algorithm=_lib.ALGORITHMS[algorithm])
-        y_block, y = _guarded(out_shape, dtype)
-        gx_block, gx = _guarded(x.shape, dtype)
-        gw_block, gw = _guarded(w.shape, dtype)
-        gb_block, gb = _guarded(b.shape, dtype)
+    for op in ("forward", "backward_data", "backward_weight"):
+        for algorithm in ["auto", *forced_algorithms(case, op)]:
+            exec_ = _exec(algorithm=_lib.ALGORITHMS[algorithm])
+            if op == "forward":
+                outputs = {"output": _guarded(out_shape, dtype)}
+                status = _lib.lib.pcm_conv2d_forward(
+                    code, desc, exec_, x.ctypes.data, w.ctypes.data, b.ctypes.data,
+                    outputs["output"][1].ctypes.data)
+            elif op == "backward_data":
+                outputs = {"grad_input": _guarded(x.shape, dtype)}
+                status = _lib.lib.pcm_conv2d_backward_data(
+                    code, desc, exec_, go.ctypes.data, w.ctypes.data,
+                    outputs["grad_input"][1].ctypes.data)
+            else:
+                outputs = {"grad_weight": _guarded(w.shape, dtype),
+                           "grad_bias": _guarded(b.shape, dtype)}
+                status = _lib.lib.pcm_conv2d_backward_weight(
+                    code, desc, exec_, go.ctypes.data, x.ctypes.data,
+                    outputs["grad_weight"][1].ctypes.data, outputs["grad_bias"][1].ctypes.data)
+            assert status == OK, f"{op}, algorithm {algorithm}"
 
-        assert _lib.lib.pcm_conv2d_forward(code, desc, exec_, x.ctypes.data, w.ctypes.data,
-                                           b.ctypes.data, y.ctypes.data) == OK
-        assert _lib.lib.pcm_conv2d_backward_data(code, desc, exec_, go.ctypes.data,
-                                                 w.ctypes.data, gx.ctypes.data) == OK
-        assert _lib.lib.pcm_conv2d_backward_weight(code, desc, exec_, go.ctypes.data,
-                                                   x.ctypes.data, gw.ctypes.data,
-                                                   gb.ctypes.data) == OK
-
-        for name, block, view in (("output", y_block, y), ("grad_input", gx_block, gx),
-                                  ("grad_weight", gw_block, gw), ("grad_bias", gb_block, gb)):
-            assert np.isfinite(view).all(), f"{algorithm}: {name} has unwritten elements"
-            assert np.isnan(block[:64]).all(), f"{algorithm}: {name} written before its array"
-            assert np.isnan(block[64 + view.size:]).all(), (
-                f"{algorithm}: {name} written after its array")
-        rtol = 1e-4 if dtype == "float32" else 1e-12
-        np.testing.assert_allclose(y, expected, rtol=rtol, atol=rtol)
-        np.testing.assert_allclose(gx, expected_grads.input, rtol=rtol, atol=rtol)
-        np.testing.assert_allclose(gw, expected_grads.weight, rtol=rtol, atol=rtol)
-        np.testing.assert_allclose(gb, expected_grads.bias, rtol=rtol, atol=rtol)
+            for name, (block, view) in outputs.items():
+                label = f"{name}, algorithm {algorithm}"
+                assert np.isfinite(view).all(), f"{label}: unwritten elements"
+                assert np.isnan(block[:64]).all(), f"{label}: written before the array"
+                assert np.isnan(block[64 + view.size:]).all(), f"{label}: written after the array"
+                value, scale, terms = expected[name]
+                tolerances.assert_close(view, value, scale, dtype=np.dtype(dtype), terms=terms,
+                                        factor=tolerances.ALGORITHM_FACTOR[algorithm],
+                                        label=label)
