@@ -194,8 +194,10 @@ static pcm_status cell_backward(const pcm_mpi *ctx, const grid_cell *cell,
                 flush_view(ctx, gi_owned, grad_input, n, g->c, hw, c0, c1);
         }
         if (status == PCM_OK && (grad_weight != NULL || grad_bias != NULL)) {
-            in = channel_view(ctx, input, n, g->c, hw, c0, c1, &in_owned);
-            if (in == NULL)
+            /* The bias gradient reads grad_output alone. */
+            if (grad_weight != NULL)
+                in = channel_view(ctx, input, n, g->c, hw, c0, c1, &in_owned);
+            if (grad_weight != NULL && in == NULL)
                 status = PCM_ERR_OUT_OF_MEMORY;
             else
                 status = pcm_local_backward_weight(
