@@ -142,18 +142,18 @@ def choose_plan(geo, op, dtype, comm, placement="replicated", strategy="auto"):
     from . import profile
 
     size = comm.Get_size()
+    node_ranks = ranks_per_node(comm)
     threads = default_threads(comm)
     if placement in ("batch", "rows"):
-        return Plan(strategy=placement, active_ranks=size, threads=threads,
-                          source="heuristic")
+        return Plan(strategy=placement, active_ranks=size, threads=threads, source="heuristic")
     if strategy == "auto":
-        tuned = profile.lookup(geo, op, dtype, size, ranks_per_node(comm))
+        tuned = profile.lookup(geo, op, dtype, size, node_ranks)
         if tuned is not None:
             return tuned
         strategy = heuristic_strategy(geo, size)
     grid = default_grid(geo, size) if strategy == "hybrid" else (0, 0)
     return Plan(strategy=strategy, active_ranks=size, threads=threads, grid=grid,
-                      source="heuristic")
+                source="heuristic")
 
 
 def check_plan(plan, placement, size):
@@ -292,14 +292,17 @@ def _global_geometry(signature, extents, placement, fn):
 
 
 def _resolve_plan(plan, geo, op, dtype, comm, placement, strategy):
+    # Split_type is collective: run it on every rank on first use, whatever OMP_NUM_THREADS
+    # says on each rank, so that no rank waits for one that skipped it.
+    ranks_per_node(comm)
     if plan is None:
         chosen = choose_plan(geo, op, dtype, comm, placement, strategy)
     else:
         chosen = plan
     if chosen.strategy == "local":  # a profile entry for one rank
         chosen = Plan(strategy="batch", active_ranks=1, threads=chosen.threads,
-                            algorithm=chosen.algorithm, block_k=chosen.block_k,
-                            block_c=chosen.block_c, block_w=chosen.block_w, source=chosen.source)
+                      algorithm=chosen.algorithm, block_k=chosen.block_k,
+                      block_c=chosen.block_c, block_w=chosen.block_w, source=chosen.source)
     threads = chosen.threads or default_threads(comm)
     exec_ = _lib.Exec(_lib.ALGORITHMS[chosen.algorithm], threads, chosen.block_k, chosen.block_c,
                       chosen.block_w)
@@ -338,6 +341,18 @@ def _squeeze(array, geo):
     return array if array is None or geo.batched else array[0]
 
 
+def _check_call_names(placement, strategy, plan, fn):
+    """Validate placement, strategy and plan before the agreement."""
+    check_names(placement, strategy, fn)
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"{fn}: plan must be a pyconvmpi.Plan or None; got {type(plan).__name__}")
+    if placement in ("batch", "rows") and strategy not in ("auto", placement):
+        raise ValueError(
+            f"{fn}: placement={placement!r} fixes the split; strategy must be 'auto' or "
+            f"{placement!r}; got {strategy!r}"
+        )
+
+
 def _validate_plan_argument(plan, placement, comm):
     if plan is not None:
         check_plan(plan, placement, comm.Get_size())
@@ -357,6 +372,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     rank = comm.Get_rank()
     error, signature, extent, arrays = None, {}, {}, None
     try:
+        _check_call_names(placement, strategy, plan, fn)
         signature = {"placement": placement, "strategy": strategy,
                      "plan": _validate_plan_argument(plan, placement, comm)}
         signature.update(_options_signature(stride, padding, dilation, groups, fn))
@@ -407,9 +423,11 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     fn = "conv2d_backward"
     _check_comm(comm, fn)
     rank = comm.Get_rank()
-    needed = V.need_set(need, fn)
+    needed = frozenset()
     error, signature, extent, arrays = None, {}, {}, None
     try:
+        needed = V.need_set(need, fn)
+        _check_call_names(placement, strategy, plan, fn)
         signature = {"placement": placement, "strategy": strategy, "need": sorted(needed),
                      "plan": _validate_plan_argument(plan, placement, comm)}
         signature.update(_options_signature(stride, padding, dilation, groups, fn))

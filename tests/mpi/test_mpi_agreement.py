@@ -70,7 +70,7 @@ def test_rows_band_of_wrong_height_raises_everywhere(comm):
     _still_usable(comm)
 
 
-def test_unknown_placement_raises(comm):
+def test_unknown_placement_raises_on_all(comm):
     x, w = _layer()
     with pytest.raises(ValueError, match="placement must be one of"):
         pcm.conv2d(x, w, comm=comm, placement="columns")
@@ -206,3 +206,21 @@ def test_c_driver_rejects_bad_dtype_and_grid(comm):
         _c_forward(comm, x, w, output, strategy="hybrid", grid=(size + 1, 1))
     _c_forward(comm, x, w, output, strategy="hybrid", grid=(1, size))
     np.testing.assert_allclose(output, pcm.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_names_on_last_rank_raise_everywhere(comm):
+    last = comm.Get_size() - 1
+    x, w = _layer()
+    bad = comm.Get_rank() == last
+    with pytest.raises(ValueError, match=rf"rank {last} of .*placement must be one of"):
+        pcm.conv2d(x, w, comm=comm, placement="columns" if bad else "replicated")
+    with pytest.raises(ValueError, match=rf"rank {last} of .*need entries must be one of"):
+        pcm.conv2d_backward(np.zeros((3, 5, 7, 5)), x, w, comm=comm,
+                            need=("input", "gamma") if bad else ("input",))
+    _still_usable(comm)
+
+
+def test_strategy_with_data_placement_raises(comm):
+    x, w = _layer()
+    with pytest.raises(ValueError, match="placement='batch' fixes the split; strategy must be 'auto' or 'batch'"):
+        pcm.conv2d(x, w, comm=comm, placement="batch", strategy="channels")

@@ -1,7 +1,8 @@
-/* The "batch", "channels" and "hybrid" strategies: a grid_batch x grid_channels grid of ranks
- * (batch: A x 1, channels: 1 x A) where rank bi * grid_channels + ci computes batch items
- * pcm_band(n, grid_batch, bi) for output channels pcm_band(k, grid_channels, ci), plus the BATCH
- * placement, where each rank computes its own slice.
+/* The "batch", "channels" and "hybrid" strategies run on a grid_batch x grid_channels grid of
+ * ranks (batch: A x 1, channels: 1 x A for A active ranks). Rank bi * grid_channels + ci
+ * computes the batch items pcm_band(n, grid_batch, bi) for the output channels
+ * pcm_band(k, grid_channels, ci). The BATCH placement also runs here: each rank computes its
+ * own slice.
  *
  * An output-channel range may cut groups: it is split into pieces that are either part of one
  * group or whole groups, and each piece is one local convolution on the input channels of its
@@ -149,8 +150,8 @@ static pcm_status cell_forward(const pcm_mpi *ctx, const grid_cell *cell, const 
     return status;
 }
 
-/* Backward of one cell. grad_output is [n][k1 - k0][oh][ow]; grad_input [n][c][h][w] receives
- * the cell's contribution (channels of groups outside the cell become zero); grad_weight and
+/* Backward of one cell, with grad_output [n][k1 - k0][oh][ow]. grad_input [n][c][h][w] receives
+ * the cell's contribution, and channels of groups outside the cell become zero. grad_weight and
  * grad_bias are full-size and receive rows [k0, k1). */
 static pcm_status cell_backward(const pcm_mpi *ctx, const grid_cell *cell,
                                 const void *grad_output, const void *input, const void *weight,
@@ -212,8 +213,9 @@ static pcm_status cell_backward(const pcm_mpi *ctx, const grid_cell *cell,
     return status;
 }
 
-/* Gather every rank's output cell into output on rank 0 (or on every rank when to_all). A cell
- * comes from cells[rank] (dense) unless in_place, in which case it already sits in output. */
+/* Gather every rank's cell of a [n][channels][inner] array into output on rank 0, or on every
+ * rank when to_all. This rank's cell is read from dense cell_data, or from output itself when
+ * in_place. With by_channel == 0 a cell spans all channels of its batch slice. */
 static pcm_status gather_cells(const pcm_mpi *ctx, const void *cell_data, int in_place,
                                void *output, int64_t channels, int64_t inner, int by_channel,
                                int to_all)
@@ -256,7 +258,7 @@ cleanup:
 
 /* ROOT placement with several grid columns: every rank's partial grad_input of its batch slice
  * (dense [n1 - n0][c][h][w]) is added on rank 0, one rank after the other, into grad_input,
- * which already holds rank 0's own part. */
+ * which already contains rank 0's own part. */
 static pcm_status sum_cells_on_root(const pcm_mpi *ctx, const void *partial, void *grad_input,
                                     int64_t chw)
 {
@@ -297,6 +299,8 @@ cleanup:
 /* ROOT placement: rank 0 sends each rank the box [n0, n1) x [c0, c1) of a global
  * [n][channels][inner] array; the box lands dense in *dest (allocated here, except on rank 0,
  * which gets a view when the box is contiguous). */
+/* Limitation: boxes that several ranks share (the whole input under the channels strategy) are
+ * sent once per rank from rank 0, not along a broadcast tree. */
 static pcm_status scatter_cells(const pcm_mpi *ctx, const void *global, int64_t channels,
                                 int64_t inner, int by_channel, void **dest, void **owned)
 {
@@ -484,7 +488,9 @@ pcm_status pcm_grid_backward(const pcm_mpi *ctx, const void *grad_output, const 
         goto cleanup;
     if (!root) {
         /* One grid column: cells hold disjoint batch slices, gathered like the output. Several
-         * columns: every rank holds partial sums over its channels, summed everywhere. */
+         * columns: every rank has partial sums over its channels, summed everywhere.
+         * Limitation: that sum moves the whole grad_input from every rank, grid_batch times the
+         * traffic of a sum within each grid row; correct, but slower for tall hybrid grids. */
         if (cols > 1)
             PCM_TRY(pcm_sum_identical(ctx, grad_input, g->n * chw, 0));
         else

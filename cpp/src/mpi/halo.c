@@ -9,8 +9,8 @@
  *   sent to the ranks owning those rows, which add them to their own part;
  * - backward weight: the own part and both halo parts are summed, then summed over ranks.
  * Halos may come from several ranks (bands thinner than the receptive field) and may lie far
- * from the own band (strides), because every rank derives every other rank's needs from the
- * global geometry; nothing is negotiated at run time. */
+ * from the own band (strides). Every rank derives every other rank's needs from the global
+ * geometry, so nothing is negotiated at run time. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -230,7 +230,7 @@ static pcm_status backward_data_band(const pcm_mpi *ctx, const rows_layout *l,
     }
     PCM_TRY(pcm_traffic_start(&t, ctx));
 
-    /* The own part overlaps the traffic; it overwrites the band, the halos are added after. */
+    /* The own part overlaps the traffic. It overwrites the band and the halos are added after. */
     d = pcm_window_desc(g, g->n, l->p, l->q, l->y0, l->y1);
     status = pcm_local_backward_data(ctx, &d, grad_output_band, weight, grad_input_band);
     pcm_status waited = pcm_traffic_wait(&t);

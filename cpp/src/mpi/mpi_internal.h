@@ -3,7 +3,12 @@
  * Every collective call runs on a pcm_mpi context: a duplicate of the caller's communicator
  * with MPI_ERRORS_RETURN, created by pcm_mpi_begin after all ranks agreed on their arguments.
  * Data moves as strided blocks (pcm_block) in point-to-point messages, so halos, scatters and
- * gathers of any band or channel range share one code path and never need packed copies. */
+ * gathers of any band or channel range share one code path and never need packed copies.
+ *
+ * Limitation: the agreement covers argument checks only. A rank that runs out of memory after
+ * it returns PCM_ERR_OUT_OF_MEMORY, but its peers may wait for its messages until the job is
+ * killed. Gathers to every rank use size * (size - 1) messages rather than a tree, which suits
+ * the tens of ranks of one layer, not thousands. */
 #ifndef PYCONVMPI_MPI_INTERNAL_H
 #define PYCONVMPI_MPI_INTERNAL_H
 
