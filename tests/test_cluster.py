@@ -19,10 +19,10 @@ def _can_make_namespaces():
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
     probe = f"pcmprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
-    if made:
+    created = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    if created:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return made
+    return created
 
 
 requires_netns = pytest.mark.skipif(
@@ -35,7 +35,7 @@ def _veth_bytes(prefix):
         ["ip", "-n", f"{prefix}-h1", "-s", "link", "show", f"{prefix}-v1"],
         capture_output=True, text=True, check=True,
     ).stdout
-    # The line after "TX:" holds the transmitted byte count first.
+    # The line after "TX:" starts with the transmitted byte count.
     lines = shown.splitlines()
     tx_header = next(i for i, line in enumerate(lines) if line.strip().startswith("TX:"))
     return int(re.split(r"\s+", lines[tx_header + 1].strip())[0])
@@ -56,7 +56,7 @@ def two_hosts():
 @requires_mpiexec
 @requires_mpi4py
 @pytest.mark.mpi
-def test_two_hosts_all_strategies_match_single_process(two_hosts):
+def test_two_hosts_match_single_process(two_hosts):
     env = dict(os.environ, PCM_NETNS_PREFIX=two_hosts, OMP_NUM_THREADS="1")
     before = _veth_bytes(two_hosts)
     command = [
