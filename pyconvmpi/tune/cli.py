@@ -106,6 +106,7 @@ def build_parser():
     parser.add_argument("--trial-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                         help="seconds one call may take before its trial is recorded as failed "
                         "(default: 30)")
+
     parser.add_argument("--seed", type=_non_negative_int, default=0,
                         help="seed of the samplers and the test arrays (default: 0)")
     parser.add_argument("--warmup", type=_non_negative_int, default=1,
@@ -114,6 +115,7 @@ def build_parser():
                         help="timed calls per measurement; their median counts (default: 3)")
     parser.add_argument("--retime", type=_non_negative_int, default=2,
                         help="best plans re-timed with the default before choosing (default: 2)")
+
     parser.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                         help="pin a search parameter to one value (repeatable)")
     parser.add_argument("--mode", choices=("auto", "collective", "local"), default="auto",
@@ -123,6 +125,7 @@ def build_parser():
                         "distributed conv2d is available (default: auto)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="measure every plan of the search space instead of sampling")
+
     parser.add_argument("--start-timeout", type=_positive_float, default=120.0,
                         metavar="SECONDS", help="seconds to wait for every rank to start; if a "
                         "rank fails before joining, the others print their stack and exit after "
@@ -132,6 +135,7 @@ def build_parser():
     parser.add_argument("--storage", default=None, metavar="PATH",
                         help="Optuna journal file; rerunning the same command resumes the "
                         "studies it holds (default: in memory, no resume)")
+
     parser.add_argument("--show", action="store_true",
                         help="print the profile as a table and exit")
     parser.add_argument("--clear", action="store_true", help="delete the profile and exit")
