@@ -320,6 +320,8 @@ def test_distribution_keyword_rules(function, keyword, value, exc, words):
     ("threads", -1, ["threads", "non-negative", "-1"]),
     ("block_k", 1.5, ["block_k", "1.5"]),
     ("strategy", "diagonal", ["strategy", "'diagonal'"]),
+    ("block_k", 2**63 - 1, ["block_k", "at most", str(2**63 - 1)]),
+    ("threads", 2**64 + 1, ["threads", "at most", str(2**64 + 1)]),
 ])
 def test_plan_rules(field, value, words):
     with pytest.raises(ValueError) as info:
