@@ -236,6 +236,12 @@ def geometry(input_shape, weight_shape, stride, padding, dilation, groups, fn):
             f"{fn}: weight has {cg} input channels per group x groups={groups} = {cg * groups} "
             f"channels but input has {c}"
         )
+    if (h == 0 or w == 0) and n > 0:
+        # PyTorch computes an image of zero rows or columns only for an empty batch.
+        raise ValueError(
+            f"{fn}: input must have at least one row and one column unless its batch is empty; "
+            f"got shape {tuple(input_shape)}"
+        )
     pad = padding_sides(padding, (r, s), stride, dilation, fn)
     eff_r, eff_s = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
     padded_h, padded_w = h + pad[0] + pad[1], w + pad[2] + pad[3]

@@ -9,10 +9,13 @@ Every call follows the same steps on every rank of the communicator:
 4. one C call, which duplicates the communicator, agrees once more on its own checks and then
    moves all data and computes.
 
-The auto heuristic (no tuned profile): ``batch`` when the batch has at least one item per rank,
-else ``rows`` when the output has at least 8 rows per rank (halos stay small), else ``channels``
-when there is at least one output channel per rank, else ``rows`` when there is at least one
-output row per rank, else ``batch`` (ranks without items stay idle).
+The auto heuristic (used when no tuned profile has the layer) tries these in order:
+
+- ``batch`` when the batch has at least one item per rank;
+- ``rows`` when the output has at least 8 rows per rank, so halos stay small next to bands;
+- ``channels`` when there is at least one output channel per rank;
+- ``rows`` when there is at least one output row per rank;
+- else ``batch``, and ranks without items stay idle.
 """
 
 import logging
@@ -259,7 +262,7 @@ def _local_geometry(x_shape, w_shape, options, placement, fn):
     """Validate this rank's shapes; ``rows`` bands may be thinner than the kernel."""
     shape = tuple(x_shape)
     if placement == "rows" and len(shape) in (3, 4):
-        # The band's own height says nothing about the kernel fitting; the global one does.
+        # Only the global height decides whether the kernel fits, so a thin band is valid here.
         shape = shape[:-2] + (10**9, shape[-1])
     geo = V.geometry(shape, tuple(w_shape), options["stride"], options["padding"],
                      options["dilation"], options["groups"], fn)
@@ -292,8 +295,8 @@ def _global_geometry(signature, extents, placement, fn):
 
 
 def _resolve_plan(plan, geo, op, dtype, comm, placement, strategy):
-    # Split_type is collective: run it on every rank on first use, whatever OMP_NUM_THREADS
-    # says on each rank, so that no rank waits for one that skipped it.
+    # Split_type is collective, so every rank runs it on first use even where OMP_NUM_THREADS
+    # makes the count unnecessary. Otherwise a rank that skipped it would leave others waiting.
     ranks_per_node(comm)
     if plan is None:
         chosen = choose_plan(geo, op, dtype, comm, placement, strategy)

@@ -143,8 +143,8 @@ def test_editable_install(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path, _clean_env())
     python = venv / "bin" / "python"
-    _run([python, "-m", "pip", "install", "-q", "scikit-build-core", "mpich", "numpy", "mpi4py"],
-         tmp_path, _clean_env(venv))
+    _run([python, "-m", "pip", "install", "-q", "scikit-build-core", "cmake", "ninja", "mpich",
+          "numpy", "mpi4py"], tmp_path, _clean_env(venv))
     _run([python, "-m", "pip", "install", "-q", "-e", ".", "--no-build-isolation", "--no-deps"],
          source, _clean_env(venv))
     elsewhere = tmp_path / "elsewhere"

@@ -78,7 +78,14 @@ BAD_ARGUMENTS = [
          weight=np.ones((2, 2, 8, 8), np.float32), padding=1),
     _bad("dilated_kernel_too_large", ValueError, ["weight", "dilation=(3, 3)", "7 x 7", "5 x 5"],
          dilation=3),
-    _bad("empty_image", ValueError, ["weight", "0 x 5"], input=np.ones((1, 2, 0, 5), np.float32)),
+    _bad("empty_image", ValueError, ["input", "one row", "(1, 2, 0, 5)"],
+         input=np.ones((1, 2, 0, 5), np.float32)),
+    _bad("empty_rows_padded", ValueError, ["input", "one row", "(1, 2, 0, 5)"],
+         input=np.ones((1, 2, 0, 5), np.float32), weight=np.ones((2, 2, 1, 1), np.float32),
+         padding=1),
+    _bad("empty_columns_unbatched", ValueError, ["input", "one column", "(2, 3, 0)"],
+         input=np.ones((2, 3, 0), np.float32), weight=np.ones((2, 2, 1, 1), np.float32),
+         padding=1),
     _bad("bias_wrong_length", ValueError, ["bias", "(2,)", "(3,)"], bias=np.ones(3, np.float32)),
     _bad("bias_2d", ValueError, ["bias", "(2,)", "(2, 1)"], bias=np.ones((2, 1), np.float32)),
     # stride
@@ -215,6 +222,14 @@ def test_integer_tensor_options_accepted():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_empty_image_in_empty_batch_accepted():
+    # PyTorch returns an empty result of the padded shape here, so pyconvmpi does too.
+    out = pyconvmpi.conv2d(np.ones((0, 2, 0, 5), np.float32), np.ones((3, 2, 1, 1), np.float32),
+                           padding=1)
+
+    assert out.shape == (0, 3, 2, 7)
+
+
 def test_huge_stride_gives_one_output():
     # PyTorch accepts any stride; past the input size it only leaves the first window.
     out = pyconvmpi.conv2d(X, W, stride=2**64 + 1)
@@ -320,6 +335,8 @@ def test_distribution_keyword_rules(function, keyword, value, exc, words):
     ("threads", -1, ["threads", "non-negative", "-1"]),
     ("block_k", 1.5, ["block_k", "1.5"]),
     ("strategy", "diagonal", ["strategy", "'diagonal'"]),
+    ("block_k", 2**63 - 1, ["block_k", "at most", str(2**63 - 1)]),
+    ("threads", 2**64 + 1, ["threads", "at most", str(2**64 + 1)]),
 ])
 def test_plan_rules(field, value, words):
     with pytest.raises(ValueError) as info:

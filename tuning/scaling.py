@@ -7,8 +7,15 @@ Usage (from the repository root, with the library built or installed):
 
 The launcher starts one ``mpiexec -n R python -m mpi4py tuning/scaling.py --worker ...`` run per
 configuration (always under ``timeout``, with OMP_NUM_THREADS set) and prints one table. A time
-is the median over repeats of the slowest rank's time, each repeat between barriers, after one
-warm-up call. Peak memory per rank is VmHWM from /proc/self/status, reset through
+is the minimum over repeats of the slowest rank's time, each repeat between barriers, after one
+warm-up call. The table uses the minimum rather than the median because other processes on a
+shared machine only ever add time. The JSON output keeps every repeat and the median.
+
+On a machine that other jobs load, wall time mostly measures them, so the table also gives the
+CPU-time speedup of 2 ranks: process CPU time of 1x1 over the slowest rank's CPU time on 2x1.
+With one thread per rank and MPICH polling while it waits, that CPU time contains the rank's
+compute, its communication and its waiting for the other rank, so the ratio estimates the
+speedup on an otherwise idle machine. It is an estimate, not a measured wall time. Peak memory per rank is VmHWM from /proc/self/status, reset through
 /proc/self/clear_refs before each variant allocates its arrays, so it covers this variant's
 arrays plus the interpreter and libraries (the baseline column).
 """
@@ -132,17 +139,20 @@ def _time_variant(comm, layer, op, placement, strategy, repeats, dtype):
                                    strategy=strategy)
 
     call()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         comm.Barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         times.append(comm.allreduce(elapsed, op=_max_op()))
+        cpu_times.append(comm.allreduce(cpu, op=_max_op()))
     plan = pcm.plan(layer.input_shape, layer.weight_shape, **options, dtype=dtype,
                     op=op, comm=comm, placement=placement)
     peaks = comm.gather(_memory_mb("VmHWM"), root=0)
-    return {"time": statistics.median(times), "times": times, "peak_mb": peaks,
+    return {"time": statistics.median(times), "min_time": min(times), "times": times,
+            "min_cpu_time": min(cpu_times), "cpu_times": cpu_times,
+            "peak_mb": peaks,
             "plan": plan.strategy if strategy == "auto" else strategy}
 
 
@@ -160,6 +170,7 @@ def worker(args):
         logging.getLogger().setLevel(logging.WARNING)
     groups = layer_groups(args.scale)
     baseline = comm.gather(_memory_mb("VmRSS"), root=0)
+    load_before = os.getloadavg()[0]
     results = []
     for group in args.layers:
         for layer in groups[group]:
@@ -174,7 +185,9 @@ def worker(args):
                         logger.info("%s %s %s/%s: %.3f s", layer.name, op, placement, strategy,
                                     record["time"])
     if comm.Get_rank() == 0:
-        Path(args.json).write_text(json.dumps({"baseline_mb": baseline, "results": results}))
+        load = [load_before, os.getloadavg()[0]]
+        Path(args.json).write_text(json.dumps({"baseline_mb": baseline, "load_average": load,
+                                               "results": results}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,19 +217,25 @@ def run_config(name, ranks, threads, args, output):
 
 def format_table(runs):
     header = (f"{'layer':<16} {'op':<8} {'placement/strategy':<22} {'1x1 s':>8} {'2x1 s':>8} "
-              f"{'2x1 speedup':>11} {'1x2 s':>8} {'1x2 speedup':>11} {'peak MB 1x1':>11} "
+              f"{'2x1 speedup':>11} {'2x1 CPU':>10} {'1x2 s':>8} {'1x2 speedup':>11} {'peak MB 1x1':>11} "
               f"{'peak MB/rank 2x1':>17}")
     lines = [header, "-" * len(header)]
     for index, base in enumerate(runs["1x1"]["results"]):
         two = runs["2x1"]["results"][index]
         threads = runs["1x2"]["results"][index]
+        t1, t2, t12 = base["min_time"], two["min_time"], threads["min_time"]
+        cpu_speedup = base["min_cpu_time"] / two["min_cpu_time"]
         label = f"{base['placement']}/{two['plan']}"
         peaks = "/".join(f"{mb:.0f}" for mb in two["peak_mb"])
         lines.append(
-            f"{base['layer']:<16} {base['op']:<8} {label:<22} {base['time']:8.3f} "
-            f"{two['time']:8.3f} {base['time'] / two['time']:10.2f}x {threads['time']:8.3f} "
-            f"{base['time'] / threads['time']:10.2f}x {base['peak_mb'][0]:11.0f} {peaks:>17}"
+            f"{base['layer']:<16} {base['op']:<8} {label:<22} {t1:8.3f} {t2:8.3f} "
+            f"{t1 / t2:10.2f}x {cpu_speedup:9.2f}x {t12:8.3f} {t1 / t12:10.2f}x "
+            f"{base['peak_mb'][0]:11.0f} {peaks:>17}"
         )
+    for name, run in runs.items():
+        before, after = run["load_average"]
+        lines.append(f"{name}: 1-minute load average {before:.1f} at the start, {after:.1f} at the end "
+                     f"(the machine's other processes share its cores)")
     baseline = runs["2x1"]["baseline_mb"]
     lines.append(f"baseline RSS per rank before any array (MB): "
                  + "/".join(f"{mb:.0f}" for mb in baseline))
@@ -229,7 +248,7 @@ def parse_args(argv=None):
                         help="layer groups: 'large' (ResNet 3x3 layers) and 'seed' (image workloads)")
     parser.add_argument("--ops", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward"], help="directions to time")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (count)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed calls per variant (count)")
     parser.add_argument("--scale", type=float, default=0.1,
                         help="fraction of the seed workloads' batch (80 RGB and 160,000 grey images)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
