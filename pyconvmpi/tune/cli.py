@@ -424,8 +424,9 @@ def _tune(session, layers, fixed, path, started):
             if "backward_data" in winners and "backward_weight" in winners:
                 entries.append(_combined_backward(session, layer, dtype, geo, comm_size,
                                                   per_node, winners, rows, progress))
+            entries = [e for e in entries if e is not None and _writable(e)]
             if entries:
-                profile.update([e for e in entries if e is not None], path)
+                profile.update(entries, path)
                 written += len(entries)
 
     headers = ["layer", "direction", "dtype", "default plan", "default ms", "tuned plan",
@@ -447,6 +448,15 @@ def _storable(plan, default_plan, space, ranks_here, cores):
     resolved = resolve_threads(plan, ranks_here, cores)
     valid = {sp.config_key(c) for c in space.configs}
     return resolved if sp.config_key(sp.from_plan(resolved)) in valid else None
+
+
+def _writable(entry):
+    """Return whether lookup() would accept ``entry``; log why not otherwise."""
+    problem = profile.entry_problem(entry)
+    if problem is not None:
+        logger.warning("not writing the %s %s entry of %s: %s", entry["key"]["direction"],
+                       entry["key"]["dtype"], entry.get("layer"), problem)
+    return problem is None
 
 
 def _row(layer, direction, dtype, default_plan, default_seconds, plan, seconds, measured,
