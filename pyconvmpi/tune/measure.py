@@ -55,6 +55,9 @@ class Workload:
     builds the same arrays (the replicated placement).
     """
 
+    # Limitation: trials use the replicated placement only. Profile keys carry no placement,
+    # so a root-placement call with strategy="auto" uses the plan tuned for replicated data.
+
     def __init__(self, layer, dtype, comm=None, seed=0):
         self.layer, self.comm = layer, comm
         self.geo = geometry(layer.input_shape, layer.weight_shape, fn="tune", **layer.options())
