@@ -249,8 +249,6 @@ void *pcm_alloc_elements(const pcm_mpi *ctx, int64_t count)
     return malloc((size_t)pcm_max64(count, 1) * ctx->esize);
 }
 
-/* Weight and bias on every rank for ROOT placement: rank 0's arrays, broadcast into buffers
- * the other ranks allocate. */
 pcm_status pcm_broadcast_parameters(const pcm_mpi *ctx, const void *weight, const void *bias,
                                        void **weight_out, void **bias_out, void **owned_weight,
                                        void **owned_bias)
