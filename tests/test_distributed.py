@@ -132,3 +132,17 @@ def test_int_count_path_passes_mpi_suite(tmp_path):
     report = f"exit status {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
     assert result.returncode == 0, report
     assert " failed" not in result.stdout, report
+
+
+@requires_mpi4py
+def test_invalid_profile_plan_falls_back(monkeypatch):
+    from mpi4py import MPI
+
+    import pyconvmpi as pcm
+    from pyconvmpi import distributed, profile
+
+    too_wide = pcm.Plan(strategy="hybrid", grid=(2, 2), source="profile")
+    monkeypatch.setattr(profile, "lookup", lambda *args, **kwargs: too_wide)
+    chosen = distributed.choose_plan(_geometry(n=2, h=8), "forward", "float32", MPI.COMM_SELF)
+    assert chosen.source == "heuristic"
+    assert chosen.strategy == "batch"
