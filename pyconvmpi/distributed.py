@@ -152,7 +152,13 @@ def choose_plan(geo, op, dtype, comm, placement="replicated", strategy="auto"):
     if strategy == "auto":
         tuned = profile.lookup(geo, op, dtype, size, node_ranks)
         if tuned is not None:
-            return tuned
+            try:
+                check_plan(tuned, placement, size)
+                return tuned
+            except ValueError as exc:
+                # Every rank reads the same profile, so every rank falls back together.
+                logger.warning("rank %d: ignoring the tuned plan %s: %s", comm.Get_rank(),
+                               tuned, exc)
         strategy = heuristic_strategy(geo, size)
     grid = default_grid(geo, size) if strategy == "hybrid" else (0, 0)
     return Plan(strategy=strategy, active_ranks=size, threads=threads, grid=grid,

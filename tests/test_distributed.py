@@ -94,3 +94,55 @@ def test_choose_plan_uses_profile_first(monkeypatch):
                                      strategy="rows")
     assert forced.strategy == "rows"
     assert forced.source == "heuristic"
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@requires_mpi4py
+@requires_mpiexec
+def test_int_count_path_passes_mpi_suite(tmp_path):
+    """The path for MPIs without large-count calls, with limits lowered so that small arrays
+    cross them: struct datatypes of chunks and reductions split into pieces."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    cmake = shutil.which("cmake", path=str(bin_dir)) or shutil.which("cmake")
+    ninja = shutil.which("ninja", path=str(bin_dir)) or shutil.which("ninja")
+    mpicc = bin_dir / "mpicc"
+    if cmake is None or ninja is None or not mpicc.is_file():
+        pytest.skip("cmake, ninja or the environment's mpicc is missing")
+    build = tmp_path / "build"
+    flags = "-DPCM_MPI_INT_COUNTS -DPCM_INT_LIMIT=100 -DPCM_CHUNK=37"
+    configure = subprocess.run(
+        [cmake, "-S", str(root), "-B", str(build), "-G", "Ninja", f"-DMPI_C_COMPILER={mpicc}",
+         f"-DCMAKE_MAKE_PROGRAM={ninja}", f"-DCMAKE_C_FLAGS={flags}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    compiled = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True,
+                              timeout=600)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+
+    library = build / "cpp" / "libpyconvmpi.so"
+    result = run_mpi(3, ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(MPI_TESTS)],
+                     timeout=120, env={"PYCONVMPI_LIBRARY": str(library)})
+    report = f"exit status {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, report
+    assert " failed" not in result.stdout, report
+
+
+@requires_mpi4py
+def test_invalid_profile_plan_falls_back(monkeypatch):
+    from mpi4py import MPI
+
+    import pyconvmpi as pcm
+    from pyconvmpi import distributed, profile
+
+    too_wide = pcm.Plan(strategy="hybrid", grid=(2, 2), source="profile")
+    monkeypatch.setattr(profile, "lookup", lambda *args, **kwargs: too_wide)
+    chosen = distributed.choose_plan(_geometry(n=2, h=8), "forward", "float32", MPI.COMM_SELF)
+    assert chosen.source == "heuristic"
+    assert chosen.strategy == "batch"

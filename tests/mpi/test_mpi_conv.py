@@ -211,3 +211,20 @@ def test_empty_results_have_shapes(comm):
                                 placement="batch")
     assert grads.input.shape == (n1 - n0, 1, 1, 4)
     np.testing.assert_array_equal(grads.weight, np.full((2, 1, 1, 1), 4.0))
+
+
+def test_unbatched_rows_bands(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 11, 6))
+    w = rng.standard_normal((3, 2, 3, 3))
+    expected = pcm.conv2d(x, w, padding="same")
+    go = rng.standard_normal(expected.shape)
+    grads = pcm.conv2d_backward(go, x, w, padding="same")
+    p, q = row_bands(11, size)[rank]
+    out = pcm.conv2d(x[:, p:q], w, padding="same", comm=comm, placement="rows")
+    got = pcm.conv2d_backward(go[:, p:q], x[:, p:q], w, padding="same", comm=comm,
+                              placement="rows")
+    _assert_close("output", out, expected[:, p:q], np.float64)
+    _assert_close("grad_input", got.input, grads.input[:, p:q], np.float64)
+    _assert_close("grad_weight", got.weight, grads.weight, np.float64)

@@ -5,8 +5,24 @@
 
 #include "mpi_internal.h"
 
-#if !defined(MPI_VERSION) || MPI_VERSION < 4
-#error "pyconvmpi's MPI drivers use the large-count calls of MPI 4 (MPI_Isend_c and friends)"
+#include <limits.h>
+
+/* MPI 4 has large-count calls (MPI_Isend_c and friends). Older MPIs (Open MPI 4) get the same
+ * messages through derived datatypes of chunks and collectives split into chunks. Defining
+ * PCM_MPI_INT_COUNTS forces that path, so that tests can run it on an MPI 4 library too. */
+#if defined(MPI_VERSION) && MPI_VERSION >= 4 && !defined(PCM_MPI_INT_COUNTS)
+#define PCM_LARGE_COUNT 1
+#else
+#define PCM_LARGE_COUNT 0
+#endif
+
+/* Largest count one int-count call takes, and the elements per piece beyond it. Both can be
+ * lowered at compile time so that tests reach the multi-piece code with small arrays. */
+#ifndef PCM_INT_LIMIT
+#define PCM_INT_LIMIT INT_MAX
+#endif
+#ifndef PCM_CHUNK
+#define PCM_CHUNK ((int64_t)1 << 30)
 #endif
 
 void pcm_block_copy(const pcm_mpi *ctx, const void *src, pcm_block from, void *dst, pcm_block to)
@@ -107,28 +123,93 @@ pcm_status pcm_traffic_recv(pcm_traffic *t, const pcm_mpi *ctx, int peer, int ta
     return queue(t->recvs, &t->n_recvs, t->capacity, ctx, peer, tag, base, block);
 }
 
-/* Post one message; a strided block travels as one element of a vector type, which MPI may
+#if !PCM_LARGE_COUNT
+/* Datatype of count consecutive elements of base when count may exceed INT_MAX: whole chunks
+ * and a remainder joined in one struct type. */
+static int contiguous_type(int64_t count, MPI_Datatype base, size_t esize, MPI_Datatype *out)
+{
+    MPI_Datatype chunk, chunks, rest;
+    int rc;
+
+    if (count <= PCM_INT_LIMIT)
+        return MPI_Type_contiguous((int)count, base, out);
+    const int64_t whole = count / PCM_CHUNK, remainder = count % PCM_CHUNK;
+    if ((rc = MPI_Type_contiguous((int)PCM_CHUNK, base, &chunk)) != MPI_SUCCESS)
+        return rc;
+    rc = MPI_Type_contiguous((int)whole, chunk, &chunks);
+    MPI_Type_free(&chunk);
+    if (rc != MPI_SUCCESS || remainder == 0) {
+        *out = chunks;
+        return rc;
+    }
+    if ((rc = MPI_Type_contiguous((int)remainder, base, &rest)) != MPI_SUCCESS) {
+        MPI_Type_free(&chunks);
+        return rc;
+    }
+    int lengths[2] = {1, 1};
+    MPI_Aint offsets[2] = {0, (MPI_Aint)(whole * PCM_CHUNK * (int64_t)esize)};
+    MPI_Datatype types[2] = {chunks, rest};
+    rc = MPI_Type_create_struct(2, lengths, offsets, types, out);
+    MPI_Type_free(&chunks);
+    MPI_Type_free(&rest);
+    return rc;
+}
+#endif
+
+/* Post one message. A strided block travels as one element of a vector type, which MPI may
  * free as soon as the operation is posted. */
 static int post(const pcm_mpi *ctx, const pcm_message *m, int is_send, MPI_Request *request)
 {
     char *buf = (char *)m->base + m->block.offset * ctx->esize;
+    const int strided = m->block.count > 1 && m->block.length != m->block.stride;
     MPI_Datatype type = ctx->type;
-    MPI_Count count = pcm_block_elements(m->block);
     int rc;
 
-    if (m->block.count > 1 && m->block.length != m->block.stride) {
+#if PCM_LARGE_COUNT
+    MPI_Count count = pcm_block_elements(m->block);
+    if (strided) {
         rc = MPI_Type_vector_c(m->block.count, m->block.length, m->block.stride, ctx->type, &type);
-        if (rc != MPI_SUCCESS)
-            return rc;
-        rc = MPI_Type_commit(&type);
-        if (rc != MPI_SUCCESS)
-            return rc;
         count = 1;
+    } else {
+        rc = MPI_SUCCESS;
     }
+#else
+    int count = 1;
+    if (strided) {
+        MPI_Datatype run;
+        if (m->block.count > INT_MAX)
+            return MPI_ERR_COUNT;
+        rc = contiguous_type(m->block.length, ctx->type, ctx->esize, &run);
+        if (rc == MPI_SUCCESS) {
+            rc = MPI_Type_create_hvector((int)m->block.count, 1,
+                                         (MPI_Aint)(m->block.stride * (int64_t)ctx->esize), run,
+                                         &type);
+            MPI_Type_free(&run);
+        }
+    } else if (pcm_block_elements(m->block) <= PCM_INT_LIMIT) {
+        count = (int)pcm_block_elements(m->block);
+        rc = MPI_SUCCESS;
+    } else {
+        rc = contiguous_type(pcm_block_elements(m->block), ctx->type, ctx->esize, &type);
+    }
+#endif
+    if (rc != MPI_SUCCESS)
+        return rc;
+    if (type != ctx->type && (rc = MPI_Type_commit(&type)) != MPI_SUCCESS) {
+        MPI_Type_free(&type);
+        return rc;
+    }
+#if PCM_LARGE_COUNT
     if (is_send)
         rc = MPI_Isend_c(buf, count, type, m->peer, m->tag, ctx->comm, request);
     else
         rc = MPI_Irecv_c(buf, count, type, m->peer, m->tag, ctx->comm, request);
+#else
+    if (is_send)
+        rc = MPI_Isend(buf, count, type, m->peer, m->tag, ctx->comm, request);
+    else
+        rc = MPI_Irecv(buf, count, type, m->peer, m->tag, ctx->comm, request);
+#endif
     if (type != ctx->type)
         MPI_Type_free(&type);
     return rc;
@@ -156,18 +237,49 @@ pcm_status pcm_traffic_wait(pcm_traffic *t)
     return MPI_Waitall(n, t->requests, MPI_STATUSES_IGNORE) == MPI_SUCCESS ? PCM_OK : PCM_ERR_MPI;
 }
 
+/* Reduction to rank 0 of count elements (in place on rank 0). */
+static int reduce_to_root(const pcm_mpi *ctx, char *buf, int64_t count)
+{
+#if PCM_LARGE_COUNT
+    return MPI_Reduce_c(ctx->rank == 0 ? MPI_IN_PLACE : buf, ctx->rank == 0 ? buf : NULL, count,
+                        ctx->type, MPI_SUM, 0, ctx->comm);
+#else
+    /* Pieces in the same order on every rank, so the collectives match. */
+    for (int64_t done = 0; done < count; done += PCM_CHUNK) {
+        const int piece = (int)pcm_min64(PCM_CHUNK, count - done);
+        const size_t offset = (size_t)done * ctx->esize;
+        int rc = MPI_Reduce(ctx->rank == 0 ? MPI_IN_PLACE : buf + offset,
+                            ctx->rank == 0 ? buf + offset : NULL, piece, ctx->type, MPI_SUM, 0,
+                            ctx->comm);
+        if (rc != MPI_SUCCESS)
+            return rc;
+    }
+    return MPI_SUCCESS;
+#endif
+}
+
+static int broadcast(const pcm_mpi *ctx, char *buf, int64_t count)
+{
+#if PCM_LARGE_COUNT
+    return MPI_Bcast_c(buf, count, ctx->type, 0, ctx->comm);
+#else
+    for (int64_t done = 0; done < count; done += PCM_CHUNK) {
+        const int piece = (int)pcm_min64(PCM_CHUNK, count - done);
+        int rc = MPI_Bcast(buf + (size_t)done * ctx->esize, piece, ctx->type, 0, ctx->comm);
+        if (rc != MPI_SUCCESS)
+            return rc;
+    }
+    return MPI_SUCCESS;
+#endif
+}
+
 pcm_status pcm_sum_identical(const pcm_mpi *ctx, void *buf, int64_t count, int root_only)
 {
-    int rc;
     if (ctx->size == 1 || count == 0)
         return PCM_OK;
-    if (ctx->rank == 0)
-        rc = MPI_Reduce_c(MPI_IN_PLACE, buf, count, ctx->type, MPI_SUM, 0, ctx->comm);
-    else
-        rc = MPI_Reduce_c(buf, NULL, count, ctx->type, MPI_SUM, 0, ctx->comm);
-    if (rc != MPI_SUCCESS)
+    if (reduce_to_root(ctx, buf, count) != MPI_SUCCESS)
         return PCM_ERR_MPI;
-    if (!root_only && MPI_Bcast_c(buf, count, ctx->type, 0, ctx->comm) != MPI_SUCCESS)
+    if (!root_only && broadcast(ctx, buf, count) != MPI_SUCCESS)
         return PCM_ERR_MPI;
     return PCM_OK;
 }
@@ -176,7 +288,7 @@ pcm_status pcm_bcast(const pcm_mpi *ctx, void *buf, int64_t count)
 {
     if (ctx->size == 1 || count == 0)
         return PCM_OK;
-    return MPI_Bcast_c(buf, count, ctx->type, 0, ctx->comm) == MPI_SUCCESS ? PCM_OK : PCM_ERR_MPI;
+    return broadcast(ctx, buf, count) == MPI_SUCCESS ? PCM_OK : PCM_ERR_MPI;
 }
 
 /* Stand-in for the pointer of an empty array; the kernels read nothing through it. */
@@ -249,8 +361,6 @@ void *pcm_alloc_elements(const pcm_mpi *ctx, int64_t count)
     return malloc((size_t)pcm_max64(count, 1) * ctx->esize);
 }
 
-/* Weight and bias on every rank for ROOT placement: rank 0's arrays, broadcast into buffers
- * the other ranks allocate. */
 pcm_status pcm_broadcast_parameters(const pcm_mpi *ctx, const void *weight, const void *bias,
                                        void **weight_out, void **bias_out, void **owned_weight,
                                        void **owned_bias)

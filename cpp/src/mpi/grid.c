@@ -264,14 +264,17 @@ static pcm_status sum_cells_on_root(const pcm_mpi *ctx, const void *partial, voi
 {
     pcm_status status = PCM_OK;
     void *arrived = NULL;
+    pcm_traffic t;
 
+    PCM_TRY(pcm_traffic_init(&t, 1));
     if (ctx->rank != 0) {
         const grid_cell own = cell_of(ctx, ctx->rank);
         const int64_t count = (own.n1 - own.n0) * chw;
-        if (count > 0 && MPI_Send_c(partial, count, ctx->type, 0, TAG_GATHER_INPUT, ctx->comm) !=
-                             MPI_SUCCESS)
-            return PCM_ERR_MPI;
-        return PCM_OK;
+        PCM_TRY(pcm_traffic_send(&t, ctx, 0, TAG_GATHER_INPUT, partial,
+                                 (pcm_block){0, 1, count, count}));
+        PCM_TRY(pcm_traffic_start(&t, ctx));
+        PCM_TRY(pcm_traffic_wait(&t));
+        goto cleanup;
     }
     int64_t largest = 0;
     for (int peer = 1; peer < ctx->size; ++peer) {
@@ -279,26 +282,27 @@ static pcm_status sum_cells_on_root(const pcm_mpi *ctx, const void *partial, voi
         largest = pcm_max64(largest, (other.n1 - other.n0) * chw);
     }
     arrived = pcm_alloc_elements(ctx, largest);
-    if (arrived == NULL)
-        return PCM_ERR_OUT_OF_MEMORY;
+    if (arrived == NULL) {
+        status = PCM_ERR_OUT_OF_MEMORY;
+        goto cleanup;
+    }
     for (int peer = 1; peer < ctx->size; ++peer) {
         const grid_cell other = cell_of(ctx, peer);
         const int64_t count = (other.n1 - other.n0) * chw;
-        if (count == 0)
-            continue;
-        PCM_MPI_TRY(MPI_Recv_c(arrived, count, ctx->type, peer, TAG_GATHER_INPUT, ctx->comm,
-                               MPI_STATUS_IGNORE));
+        t.n_recvs = 0;
+        PCM_TRY(pcm_traffic_recv(&t, ctx, peer, TAG_GATHER_INPUT, arrived,
+                                 (pcm_block){0, 1, count, count}));
+        PCM_TRY(pcm_traffic_start(&t, ctx));
+        PCM_TRY(pcm_traffic_wait(&t));
         pcm_block_add(ctx, arrived, (pcm_block){0, 1, count, count}, grad_input,
                       (pcm_block){other.n0 * chw, 1, count, count});
     }
 cleanup:
+    pcm_traffic_free(&t);
     free(arrived);
     return status;
 }
 
-/* ROOT placement: rank 0 sends each rank the box [n0, n1) x [c0, c1) of a global
- * [n][channels][inner] array; the box lands dense in *dest (allocated here, except on rank 0,
- * which gets a view when the box is contiguous). */
 /* Limitation: boxes that several ranks share (the whole input under the channels strategy) are
  * sent once per rank from rank 0, not along a broadcast tree. */
 static pcm_status scatter_cells(const pcm_mpi *ctx, const void *global, int64_t channels,

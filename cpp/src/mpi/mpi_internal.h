@@ -3,7 +3,7 @@
  * Every collective call runs on a pcm_mpi context: a duplicate of the caller's communicator
  * with MPI_ERRORS_RETURN, created by pcm_mpi_begin after all ranks agreed on their arguments.
  * Data moves as strided blocks (pcm_block) in point-to-point messages, so halos, scatters and
- * gathers of any band or channel range share one code path and never need packed copies.
+ * gathers of any band or channel range share one code path, and no message needs a packed copy.
  *
  * Limitation: the agreement covers argument checks only. A rank that runs out of memory after
  * it returns PCM_ERR_OUT_OF_MEMORY, but its peers may wait for its messages until the job is
@@ -93,9 +93,9 @@ static inline pcm_block pcm_channel_block(int64_t n0, int64_t n1, int64_t channe
 PCM_INTERNAL void pcm_band(int64_t rows, int64_t active, int64_t rank, int64_t *start,
                            int64_t *stop);
 
-/* Agreement: every rank passes its own status and arguments; on return all ranks hold the same
- * status, PCM_ERR_REMOTE on ranks that were fine while another was not. Creates ctx->comm only
- * when the returned status is PCM_OK; pcm_mpi_end frees it. */
+/* Agree on the status of a call: every rank passes its own status and arguments, and all ranks
+ * return the same outcome (PCM_ERR_REMOTE on ranks that were fine while another was not).
+ * ctx->comm exists only when the returned status is PCM_OK, and pcm_mpi_end frees it. */
 PCM_INTERNAL pcm_status pcm_mpi_begin(int comm_f, int placement, int strategy, int64_t grid_batch,
                                       int64_t grid_channels, int64_t active_ranks, int dtype,
                                       int need, const pcm_conv_desc *desc, const pcm_exec *exec,
@@ -117,12 +117,12 @@ PCM_INTERNAL pcm_status pcm_traffic_send(pcm_traffic *t, const pcm_mpi *ctx, int
                                          const void *base, pcm_block block);
 PCM_INTERNAL pcm_status pcm_traffic_recv(pcm_traffic *t, const pcm_mpi *ctx, int peer, int tag,
                                          void *base, pcm_block block);
-/* Post every queued message (receives first), then wait for all of them. */
+/* Post every queued message, receives first; pcm_traffic_wait completes them. */
 PCM_INTERNAL pcm_status pcm_traffic_start(pcm_traffic *t, const pcm_mpi *ctx);
 PCM_INTERNAL pcm_status pcm_traffic_wait(pcm_traffic *t);
 
 /* Sum count elements of buf over all ranks so that every rank (or only rank 0 when
- * root_only) holds the same, bit-identical result: a reduction to rank 0, then a broadcast. */
+ * root_only) gets the same, bit-identical result: a reduction to rank 0, then a broadcast. */
 PCM_INTERNAL pcm_status pcm_sum_identical(const pcm_mpi *ctx, void *buf, int64_t count,
                                           int root_only);
 /* Broadcast count elements from rank 0 (large-count call). */

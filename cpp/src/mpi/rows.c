@@ -1,6 +1,6 @@
-/* The "rows" strategy for every placement: ROWS runs on the caller's bands; ROOT scatters bands
- * from rank 0, runs the band code and gathers the result; REPLICATED needs no halos because
- * every rank holds the whole input, so each rank computes its band directly and the bands are
+/* The "rows" strategy for every placement. ROWS runs on the caller's bands. ROOT scatters bands
+ * from rank 0, runs the band code and gathers the result. REPLICATED needs no halos because
+ * every rank has the whole input, so each rank computes its band directly and the bands are
  * gathered on every rank. */
 #include <stdlib.h>
 #include <string.h>
