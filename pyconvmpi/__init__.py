@@ -4,6 +4,7 @@ import logging
 
 from ._version import __version__
 from . import _lib  # noqa: F401  (loads the C library and checks its ABI)
+from . import distributed  # noqa: F401  (pyconvmpi.distributed.row_bands is public)
 from .conv import Conv2dGrads, conv2d, conv2d_backward
 from .errors import (
     InvalidArgumentError,
