@@ -1,0 +1,101 @@
+/* Fast convolution drivers: GEMM over im2col tiles and the register-tiled direct kernel, for
+ * float32 and float64 (conv2d_fast.inc), on the tile kernels of the CPU's SIMD level. */
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conv/conv_fast.h"
+
+void *pcm_alloc64(size_t bytes)
+{
+    void *p = NULL;
+    size_t rounded = (bytes + 63) / 64 * 64;
+    if (posix_memalign(&p, 64, rounded > 0 ? rounded : 64) != 0)
+        return NULL;
+    return p;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Fraction of a tile's lanes doing useful work when `count` items are cut into tiles of
+ * `size`. */
+static double fill(int64_t count, int64_t size)
+{
+    if (count <= 0)
+        return 1.0;
+    return (double)count / (double)(ceil_div(count, size) * size);
+}
+
+const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
+                                const pcm_exec *e)
+{
+    int max_kb = 0, max_area = 0;
+    const pcm_tile *best = NULL;
+    double best_score = -1.0;
+
+    /* block_k and block_w cap the tile; the largest instantiated size below the cap is used. */
+    for (int t = 0; t < set->ntiles; ++t) {
+        const pcm_tile *tile = &set->tiles[t];
+        if (tile->kb * tile->xv > max_area)
+            max_area = tile->kb * tile->xv;
+        if (e != NULL && e->block_k > 0 && tile->kb <= e->block_k && tile->kb > max_kb)
+            max_kb = tile->kb;
+    }
+    if (e != NULL && e->block_k > 0 && max_kb == 0)
+        max_kb = set->tiles[0].kb;
+    for (int t = 0; t < set->ntiles; ++t) {
+        const pcm_tile *tile = &set->tiles[t];
+        const int64_t width = (int64_t)tile->xv * set->vl;
+        if (max_kb > 0 && tile->kb != max_kb)
+            continue;
+        if (e != NULL && e->block_w > 0 && width > e->block_w && tile->xv > 1)
+            continue;
+        /* Useful lanes, times how full the register file is, times a small preference for
+         * tiles that load fewer operands per multiply-add. */
+        double score = fill(rows, tile->kb) * fill(cols, width) *
+                       (double)(tile->kb * tile->xv) / (double)max_area *
+                       (1.0 - 0.05 * (double)(tile->kb + tile->xv) / (double)(tile->kb * tile->xv));
+        if (score > best_score) {
+            best_score = score;
+            best = tile;
+        }
+    }
+    if (best == NULL) {
+        /* block_w below every width of this block_k: take its narrowest tile. */
+        for (int t = 0; t < set->ntiles; ++t)
+            if (set->tiles[t].kb == max_kb && (best == NULL || set->tiles[t].xv < best->xv))
+                best = &set->tiles[t];
+    }
+    return best != NULL ? best : &set->tiles[0];
+}
+
+const pcm_dot_tile *pcm_choose_dot(const pcm_tile_set *set, int64_t rows, const pcm_exec *e)
+{
+    const int64_t cap = (e != NULL && e->block_k > 0) ? e->block_k : rows;
+    const pcm_dot_tile *best = &set->dots[set->ndots - 1];
+    for (int t = 0; t < set->ndots; ++t)
+        if (set->dots[t].kb <= cap && set->dots[t].kb > best->kb)
+            best = &set->dots[t];
+    return best;
+}
+
+int pcm_simd_direct_fits(const pcm_conv_desc *d)
+{
+    return d->stride_w == 1 && d->s <= PCM_DIRECT_S_MAX;
+}
+
+#define T float
+#define SUFFIX f32
+#define DTYPE PCM_FLOAT32
+#include "conv2d_fast.inc"
+#undef T
+#undef SUFFIX
+#undef DTYPE
+
+#define T double
+#define SUFFIX f64
+#define DTYPE PCM_FLOAT64
+#include "conv2d_fast.inc"
+#undef T
+#undef SUFFIX
+#undef DTYPE
