@@ -74,24 +74,42 @@ static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_des
     }
 }
 
+static int exec_valid(const pcm_exec *exec)
+{
+    return exec != NULL && exec->algorithm >= PCM_ALGO_AUTO &&
+           exec->algorithm <= PCM_ALGO_REFERENCE && exec->threads >= 0 && exec->block_k >= 0 &&
+           exec->block_c >= 0 && exec->block_w >= 0;
+}
+
+pcm_status pcm_choose_algorithm(int op, const pcm_conv_desc *desc, const pcm_exec *exec,
+                                int64_t *algorithm_out)
+{
+    pcm_status status = pcm_desc_check(desc);
+    if (status != PCM_OK)
+        return status;
+    if (op < PCM_OP_FORWARD || op > PCM_OP_BACKWARD_WEIGHT || !exec_valid(exec) ||
+        algorithm_out == NULL)
+        return PCM_ERR_INVALID_ARGUMENT;
+
+    int64_t algorithm = choose_algorithm(exec, op, desc);
+    if (!pcm_algorithm_supported(algorithm, op, desc) || kernels_for(algorithm) == NULL)
+        return PCM_ERR_UNSUPPORTED;
+    *algorithm_out = algorithm;
+    return PCM_OK;
+}
+
 /* Common checks of every entry point; fills *kernels_out on success. */
 static pcm_status prepare(int dtype, const pcm_conv_desc *d, const pcm_exec *exec, int op,
                           const kernel_set **kernels_out)
 {
-    pcm_status status = pcm_desc_check(d);
-    if (status != PCM_OK)
-        return status;
+    int64_t algorithm = PCM_ALGO_AUTO;
     if (dtype != PCM_FLOAT32 && dtype != PCM_FLOAT64)
         return PCM_ERR_INVALID_ARGUMENT;
-    if (exec == NULL || exec->algorithm < PCM_ALGO_AUTO || exec->algorithm > PCM_ALGO_REFERENCE ||
-        exec->threads < 0 || exec->block_k < 0 || exec->block_c < 0 || exec->block_w < 0)
-        return PCM_ERR_INVALID_ARGUMENT;
-
-    int64_t algorithm = choose_algorithm(exec, op, d);
-    if (!pcm_algorithm_supported(algorithm, op, d))
-        return PCM_ERR_UNSUPPORTED;
+    pcm_status status = pcm_choose_algorithm(op, d, exec, &algorithm);
+    if (status != PCM_OK)
+        return status;
     *kernels_out = kernels_for(algorithm);
-    return *kernels_out != NULL ? PCM_OK : PCM_ERR_UNSUPPORTED;
+    return PCM_OK;
 }
 
 pcm_status pcm_conv2d_forward(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,

@@ -84,6 +84,41 @@ int pcm_simd_direct_fits(const pcm_conv_desc *d)
     return d->stride_w == 1 && d->s <= PCM_DIRECT_S_MAX;
 }
 
+pcm_status pcm_peak_gflops(int dtype, int64_t threads, double seconds, double *gflops_out)
+{
+    if ((dtype != PCM_FLOAT32 && dtype != PCM_FLOAT64) || threads < 0 || gflops_out == NULL ||
+        !(seconds > 0.0 && seconds <= 10.0))
+        return PCM_ERR_INVALID_ARGUMENT;
+    const pcm_tile_set *set = pcm_tiles(dtype);
+    const pcm_exec exec = {0, threads, 0, 0, 0};
+    double total = 0.0, sink = 0.0;
+
+#pragma omp parallel num_threads(pcm_threads(&exec)) reduction(+ : total, sink)
+    {
+        /* Calibrate on a short run, then time one run of about `seconds`. */
+        int64_t iterations = 1 << 16;
+        double elapsed = 0.0;
+        for (;;) {
+            double start = omp_get_wtime();
+            sink += set->fma_loop(iterations);
+            elapsed = omp_get_wtime() - start;
+            if (elapsed > 0.02 || iterations > ((int64_t)1 << 40))
+                break;
+            iterations *= 4;
+        }
+        iterations = (int64_t)((double)iterations * seconds / (elapsed > 0.0 ? elapsed : 1e-9));
+        if (iterations < 1)
+            iterations = 1;
+#pragma omp barrier
+        double start = omp_get_wtime();
+        sink += set->fma_loop(iterations);
+        elapsed = omp_get_wtime() - start;
+        total += 2.0 * 16.0 * (double)set->vl * (double)iterations / (elapsed > 0.0 ? elapsed : 1e-9);
+    }
+    *gflops_out = sink != sink ? 0.0 : total / 1e9; /* sink is never NaN; it keeps the loop */
+    return PCM_OK;
+}
+
 #define T float
 #define SUFFIX f32
 #define DTYPE PCM_FLOAT32

@@ -89,6 +89,9 @@ typedef struct pcm_tile_set {
     const pcm_tile *tiles;
     int ndots;
     const pcm_dot_tile *dots;
+    /* Run `iterations` steps of 16 independent vector multiply-add chains; returns a value
+     * that depends on every chain, so the loop cannot be removed. */
+    double (*fma_loop)(int64_t iterations);
 } pcm_tile_set;
 
 #define PCM_DECLARE_TILE_SET(isa)                                                             \
