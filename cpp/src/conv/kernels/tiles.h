@@ -65,9 +65,26 @@ typedef struct pcm_dot_args {
     int64_t ldacc;
 } pcm_dot_args;
 
+/* Output rows [y0, y1) of one output plane, horizontal stride 1, for layers with few input
+ * channels per output channel (depthwise, image filters):
+ *   out[y][x] = bias + sum over (ci, i, j) of wt[ci][i][j] * in[ci][y * stride_h - pad_top + i * dh]
+ *                                                              [x - pad_left + j * dw]
+ * with input rows and columns outside the h x w image reading as zero. */
+typedef struct pcm_plane_args {
+    const void *in;
+    int64_t in_cs, h, w;
+    int64_t c;
+    const void *wt;
+    int64_t r, s, dh, dw, stride_h, pad_top, pad_left;
+    void *out;
+    int64_t out_w, y0, y1;
+    double bias;
+} pcm_plane_args;
+
 typedef void (*pcm_gemm_tile_fn)(const pcm_gemm_args *args);
 typedef void (*pcm_direct_tile_fn)(const pcm_direct_args *args);
 typedef void (*pcm_dot_tile_fn)(const pcm_dot_args *args);
+typedef void (*pcm_plane_fn)(const pcm_plane_args *args);
 
 /* One register tile: kb output channels by xv vectors of output columns. */
 typedef struct pcm_tile {
@@ -92,6 +109,7 @@ typedef struct pcm_tile_set {
     /* Run `iterations` steps of 16 independent vector multiply-add chains; returns a value
      * that depends on every chain, so the loop cannot be removed. */
     double (*fma_loop)(int64_t iterations);
+    pcm_plane_fn plane;
 } pcm_tile_set;
 
 #define PCM_DECLARE_TILE_SET(isa)                                                             \
