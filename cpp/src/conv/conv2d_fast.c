@@ -15,6 +15,10 @@ void *pcm_alloc64(size_t bytes)
     return p;
 }
 
+/* Multiply-adds below which one more thread costs more to wake than it saves (about 5 us of
+ * work on one core). */
+#define WORK_PER_THREAD ((int64_t)1 << 18)
+
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* Fraction of a tile's lanes doing useful work when `count` items are cut into tiles of
@@ -77,6 +81,14 @@ const pcm_dot_tile *pcm_choose_dot(const pcm_tile_set *set, int64_t rows, const 
         if (set->dots[t].kb <= cap && set->dots[t].kb > best->kb)
             best = &set->dots[t];
     return best;
+}
+
+int pcm_work_threads(const pcm_conv_desc *d, const pcm_exec *e)
+{
+    const int64_t macs = d->n * d->k * d->out_h * d->out_w * (d->c / d->groups) * d->r * d->s;
+    const int64_t useful = 1 + macs / WORK_PER_THREAD;
+    const int threads = pcm_threads(e);
+    return useful < threads ? (int)useful : threads;
 }
 
 int pcm_simd_direct_fits(const pcm_conv_desc *d)

@@ -23,6 +23,10 @@ PCM_INTERNAL const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t ro
 PCM_INTERNAL const pcm_dot_tile *pcm_choose_dot(const pcm_tile_set *set, int64_t rows,
                                                 const pcm_exec *e);
 
+/* Threads for a call: pcm_threads(e), but at most one per 2^18 multiply-adds, so that tiny
+ * convolutions do not pay for waking threads. exec->threads is therefore an upper bound. */
+PCM_INTERNAL int pcm_work_threads(const pcm_conv_desc *d, const pcm_exec *e);
+
 /* 64-byte aligned allocation of `bytes` (rounded up); free with free(). */
 PCM_INTERNAL void *pcm_alloc64(size_t bytes);
 
