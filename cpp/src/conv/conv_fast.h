@@ -1,4 +1,5 @@
-/* Private declarations of the fast convolution drivers (conv2d_gemm.c, conv2d_simd_direct.c). */
+/* Private declarations of the fast convolution drivers in conv2d_fast.c: GEMM over im2col
+ * tiles and the register-tiled direct kernel. */
 #ifndef PYCONVMPI_CONV_FAST_H
 #define PYCONVMPI_CONV_FAST_H
 

@@ -1,7 +1,8 @@
 /* Register-tile micro-kernels shared by the fast convolution drivers.
  *
- * Each ISA (AVX-512, AVX2 + FMA, portable scalar) instantiates the same three tile kernels from
- * tiles.inc for float32 and float64; the drivers pick a set at run time with pcm_tiles().
+ * Each ISA (AVX-512, AVX2 + FMA, portable scalar) instantiates the same kernels from tiles.inc
+ * (GEMM, direct and dot tiles, the plane kernel and an FMA loop) for float32 and float64. The
+ * drivers pick a set at run time with pcm_tiles().
  * All lengths are element counts. Loads that could leave an array are masked, so a tile never
  * reads outside the rows it is given and never writes outside the columns it stores. */
 #ifndef PYCONVMPI_TILES_H
