@@ -16,8 +16,9 @@ static const kernel_set reference_kernels = {
     {pcm_ref_backward_weight_f32, pcm_ref_backward_weight_f64},
 };
 
-/* Register-tiled when the horizontal stride is 1, else the generic row kernel; backward data
- * of stride-1 layers runs the forward kernel on flipped weights. */
+/* Register-tiled when the horizontal stride is 1, else the generic row kernel. Backward data
+ * of stride-1 layers runs the forward kernel on flipped weights, and backward weight has a
+ * plane kernel for depthwise 3x3 layers (the generic row kernel otherwise). */
 static const kernel_set direct_kernels = {
     {pcm_simd_direct_forward_f32, pcm_simd_direct_forward_f64},
     {pcm_simd_direct_backward_data_f32, pcm_simd_direct_backward_data_f64},
@@ -70,7 +71,10 @@ static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_des
         return (kg <= 4 && unit_stride && d->s <= PCM_DIRECT_S_MAX) ? PCM_ALGO_DIRECT
                                                                       : PCM_ALGO_GEMM;
     default:
-        return PCM_ALGO_GEMM;
+        /* Depthwise 3x3: the direct plane kernel sums in place, where im2col would copy
+         * every 14-wide row segment nine times. */
+        return (d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3 &&
+                d->stride_w == 1) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
     }
 }
 

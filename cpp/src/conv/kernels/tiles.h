@@ -82,10 +82,24 @@ typedef struct pcm_plane_args {
     double bias;
 } pcm_plane_args;
 
+/* Weight gradient of a 3x3 layer with one input and one output channel per group, over output
+ * rows [y0, y1) of one plane, horizontal stride 1:
+ *   acc[i * 3 + j] += sum over (y, x) of go[y][x] * in[y * stride_h - pad_top + i * dh]
+ *                                                     [x - pad_left + j * dw]
+ * with input elements outside the h x w image reading as zero. */
+typedef struct pcm_plane_dot_args {
+    const void *go;
+    int64_t out_w, y0, y1;
+    const void *in;
+    int64_t h, w, dh, dw, stride_h, pad_top, pad_left;
+    double *acc;
+} pcm_plane_dot_args;
+
 typedef void (*pcm_gemm_tile_fn)(const pcm_gemm_args *args);
 typedef void (*pcm_direct_tile_fn)(const pcm_direct_args *args);
 typedef void (*pcm_dot_tile_fn)(const pcm_dot_args *args);
 typedef void (*pcm_plane_fn)(const pcm_plane_args *args);
+typedef void (*pcm_plane_dot_fn)(const pcm_plane_dot_args *args);
 
 /* One register tile: kb output channels by xv vectors of output columns. */
 typedef struct pcm_tile {
@@ -111,6 +125,7 @@ typedef struct pcm_tile_set {
      * that depends on every chain, so the loop cannot be removed. */
     double (*fma_loop)(int64_t iterations);
     pcm_plane_fn plane;
+    pcm_plane_dot_fn plane_dot3x3;
 } pcm_tile_set;
 
 #define PCM_DECLARE_TILE_SET(isa)                                                             \
