@@ -17,7 +17,8 @@
  *   except for padding="same" with an even effective kernel). pad_top and pad_left may be
  *   negative, which describes a window into a larger image (used by row decompositions).
  * - dtype is PCM_FLOAT32 or PCM_FLOAT64 and applies to every array of a call.
- * - Threads: exec->threads OpenMP threads (0: the OpenMP default). Calls on distinct buffers
+ * - Threads: at most exec->threads OpenMP threads (0: the OpenMP default); the fast kernels use
+ *   one thread per 2^18 multiply-adds at most, so tiny calls run on one. Calls on distinct buffers
  *   may run concurrently from several threads; the library keeps no mutable global state
  *   after pcm_simd_level() has filled the dispatch table once.
  * - Nothing here prints, exits, aborts or initialises MPI. Failures are status codes.
@@ -99,10 +100,10 @@ typedef struct pcm_conv_desc {
 /* How to run a call. Zero in any field means "choose automatically". */
 typedef struct pcm_exec {
     int64_t algorithm; /* pcm_algorithm */
-    int64_t threads;   /* OpenMP threads for this call */
-    int64_t block_k;   /* output channels per register/cache block */
+    int64_t threads;   /* max OpenMP threads for this call (tiny calls use fewer) */
+    int64_t block_k;   /* max output channels per register tile (rounded down to a built tile) */
     int64_t block_c;   /* input channels per cache block */
-    int64_t block_w;   /* output columns per register block */
+    int64_t block_w;   /* max output columns per register tile (rounded down likewise) */
 } pcm_exec;
 
 /* Return a static, never-NULL description of a status; unknown numbers get a fixed text. */
