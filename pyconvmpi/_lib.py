@@ -15,7 +15,7 @@ from . import errors
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "libpyconvmpi.so"
 
 FLOAT32, FLOAT64 = 0, 1
@@ -126,6 +126,11 @@ _SIGNATURES = [
     ("pcm_mpi_library_version", _c_int, [_c_char_p, _c_int64]),
     # int pcm_algorithm_supported(int64_t algorithm, int op, const pcm_conv_desc *desc);
     ("pcm_algorithm_supported", _c_int, [_c_int64, _c_int, _desc_p]),
+    # pcm_status pcm_choose_algorithm(int op, const pcm_conv_desc *desc, const pcm_exec *exec,
+    #     int64_t *algorithm_out);
+    ("pcm_choose_algorithm", _c_int, [_c_int, _desc_p, _exec_p, _int64_p]),
+    # pcm_status pcm_peak_gflops(int dtype, int64_t threads, double seconds, double *gflops_out);
+    ("pcm_peak_gflops", _c_int, [_c_int, _c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)]),
     # pcm_status pcm_conv2d_forward(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,
     #     const void *input, const void *weight, const void *bias, void *output);
     ("pcm_conv2d_forward", _c_int, [_c_int, _desc_p, _exec_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p]),
@@ -236,6 +241,22 @@ def row_band(rows, ranks, rank):
 def algorithm_supported(algorithm, op, desc):
     """Return whether the named algorithm can compute ``op`` for this geometry."""
     return bool(lib.pcm_algorithm_supported(ALGORITHMS[algorithm], OPS[op], ctypes.byref(desc)))
+
+
+def choose_algorithm(op, desc, exec_):
+    """Return the name of the algorithm a local call of ``op`` with ``exec_`` runs."""
+    value = ctypes.c_int64()
+    check(lib.pcm_choose_algorithm(OPS[op], ctypes.byref(desc), ctypes.byref(exec_),
+                                   ctypes.byref(value)), "choose_algorithm")
+    names = {code: name for name, code in ALGORITHMS.items()}
+    return names[value.value]
+
+
+def peak_gflops(dtype_code, threads, seconds=0.2):
+    """Return the measured multiply-add peak in GFLOP/s of the kernels' SIMD level."""
+    value = ctypes.c_double()
+    check(lib.pcm_peak_gflops(dtype_code, threads, seconds, ctypes.byref(value)), "peak_gflops")
+    return value.value
 
 
 def _pointer(array):

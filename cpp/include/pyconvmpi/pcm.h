@@ -17,7 +17,8 @@
  *   except for padding="same" with an even effective kernel). pad_top and pad_left may be
  *   negative, which describes a window into a larger image (used by row decompositions).
  * - dtype is PCM_FLOAT32 or PCM_FLOAT64 and applies to every array of a call.
- * - Threads: exec->threads OpenMP threads (0: the OpenMP default). Calls on distinct buffers
+ * - Threads: at most exec->threads OpenMP threads (0: the OpenMP default); the fast kernels use
+ *   one thread per 2^18 multiply-adds at most, so tiny calls run on one. Calls on distinct buffers
  *   may run concurrently from several threads; the library keeps no mutable global state
  *   after pcm_simd_level() has filled the dispatch table once.
  * - Nothing here prints, exits, aborts or initialises MPI. Failures are status codes.
@@ -38,7 +39,7 @@ extern "C" {
 #endif
 
 /* Raised whenever a signature, enum or struct below changes. */
-#define PCM_ABI_VERSION 1
+#define PCM_ABI_VERSION 2
 
 /* Values are fixed forever and only ever appended. */
 typedef enum pcm_status {
@@ -99,10 +100,10 @@ typedef struct pcm_conv_desc {
 /* How to run a call. Zero in any field means "choose automatically". */
 typedef struct pcm_exec {
     int64_t algorithm; /* pcm_algorithm */
-    int64_t threads;   /* OpenMP threads for this call */
-    int64_t block_k;   /* output channels per register/cache block */
+    int64_t threads;   /* max OpenMP threads for this call (tiny calls use fewer) */
+    int64_t block_k;   /* max output channels per register tile (rounded down to a built tile) */
     int64_t block_c;   /* input channels per cache block */
-    int64_t block_w;   /* output columns per register block */
+    int64_t block_w;   /* max output columns per register tile (rounded down likewise) */
 } pcm_exec;
 
 /* Return a static, never-NULL description of a status; unknown numbers get a fixed text. */
@@ -125,6 +126,20 @@ PCM_API pcm_status pcm_mpi_library_version(char *buffer_out, int64_t size);
 /* Return whether an algorithm can compute this geometry (1) or not (0); the AUTO value
  * always returns 1 for a valid geometry. op: 0 forward, 1 backward data, 2 backward weight. */
 PCM_API int pcm_algorithm_supported(int64_t algorithm, int op, const pcm_conv_desc *desc);
+
+/* Store in *algorithm_out the algorithm (never AUTO) that a local call of operation op with this
+ * exec runs. Returns PCM_ERR_INVALID_ARGUMENT for an invalid geometry, op or exec, or a NULL
+ * output, and PCM_ERR_UNSUPPORTED if the requested algorithm cannot compute this geometry. */
+PCM_API pcm_status pcm_choose_algorithm(int op, const pcm_conv_desc *desc, const pcm_exec *exec,
+                                        int64_t *algorithm_out);
+
+/* Measure the multiply-add peak of the kernels' SIMD level: `threads` threads (0: the OpenMP
+ * default) each run independent vector FMA chains for about `seconds` seconds (at most 10);
+ * *gflops_out is the sum of their rates in GFLOP/s (2 FLOP per multiply-add and lane).
+ * Returns PCM_ERR_INVALID_ARGUMENT for a bad dtype, threads < 0, seconds outside (0, 10] or a
+ * NULL output. */
+PCM_API pcm_status pcm_peak_gflops(int dtype, int64_t threads, double seconds,
+                                   double *gflops_out);
 
 /* Forward convolution on this process.
  * output[n][k][out_h][out_w] is overwritten; bias may be NULL (no bias).

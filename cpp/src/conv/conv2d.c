@@ -2,6 +2,7 @@
 #include <stddef.h>
 
 #include "pcm_internal.h"
+#include "conv/conv_fast.h"
 
 typedef struct kernel_set {
     pcm_forward_fn forward[2];               /* indexed by pcm_dtype */
@@ -15,18 +16,28 @@ static const kernel_set reference_kernels = {
     {pcm_ref_backward_weight_f32, pcm_ref_backward_weight_f64},
 };
 
+/* Register-tiled when the horizontal stride is 1, else the generic row kernel. Backward data
+ * of stride-1 layers runs the forward kernel on flipped weights, and backward weight has a
+ * plane kernel for depthwise 3x3 layers (the generic row kernel otherwise). */
 static const kernel_set direct_kernels = {
-    {pcm_direct_forward_f32, pcm_direct_forward_f64},
-    {pcm_direct_backward_data_f32, pcm_direct_backward_data_f64},
-    {pcm_direct_backward_weight_f32, pcm_direct_backward_weight_f64},
+    {pcm_simd_direct_forward_f32, pcm_simd_direct_forward_f64},
+    {pcm_simd_direct_backward_data_f32, pcm_simd_direct_backward_data_f64},
+    {pcm_simd_direct_backward_weight_f32, pcm_simd_direct_backward_weight_f64},
 };
 
-/* Limitation: GEMM and Winograd are not built yet; pcm_algorithm_supported returns 0 for them
- * and explicit requests return PCM_ERR_UNSUPPORTED. */
+static const kernel_set gemm_kernels = {
+    {pcm_gemm_forward_f32, pcm_gemm_forward_f64},
+    {pcm_gemm_backward_data_f32, pcm_gemm_backward_data_f64},
+    {pcm_gemm_backward_weight_f32, pcm_gemm_backward_weight_f64},
+};
+
+/* Limitation: Winograd is not built; pcm_algorithm_supported returns 0 for it and explicit
+ * requests return PCM_ERR_UNSUPPORTED. */
 static const kernel_set *kernels_for(int64_t algorithm)
 {
     switch (algorithm) {
     case PCM_ALGO_DIRECT: return &direct_kernels;
+    case PCM_ALGO_GEMM: return &gemm_kernels;
     case PCM_ALGO_REFERENCE: return &reference_kernels;
     default: return NULL;
     }
@@ -44,31 +55,65 @@ int pcm_algorithm_supported(int64_t algorithm, int op, const pcm_conv_desc *desc
 /* The algorithm a call runs: the requested one, or the heuristic's choice for AUTO. */
 static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_desc *d)
 {
-    (void)op;
-    (void)d;
+    const int64_t cg = d->c / d->groups, kg = d->k / d->groups;
+    const int unit_stride = d->stride_h == 1 && d->stride_w == 1;
+
     if (exec != NULL && exec->algorithm != PCM_ALGO_AUTO)
         return exec->algorithm;
-    return PCM_ALGO_DIRECT;
+    /* Few input channels per group (image filters, first layers, depthwise): the direct
+     * kernel reads rows in place, where im2col would copy r * s times more data than the
+     * multiply-adds use. Backward data of a stride-1 layer is a forward convolution with kg
+     * input channels per group. Everything else runs on the GEMM tiles. */
+    switch (op) {
+    case PCM_OP_FORWARD:
+        return (cg <= 4 && pcm_simd_direct_fits(d)) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
+    case PCM_OP_BACKWARD_DATA:
+        return (kg <= 4 && unit_stride && d->s <= PCM_DIRECT_S_MAX) ? PCM_ALGO_DIRECT
+                                                                      : PCM_ALGO_GEMM;
+    default:
+        /* Depthwise 3x3: the direct plane kernel sums in place, where im2col would copy
+         * every 14-wide row segment nine times. */
+        return (d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3 &&
+                d->stride_w == 1) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
+    }
+}
+
+static int exec_valid(const pcm_exec *exec)
+{
+    return exec != NULL && exec->algorithm >= PCM_ALGO_AUTO &&
+           exec->algorithm <= PCM_ALGO_REFERENCE && exec->threads >= 0 && exec->block_k >= 0 &&
+           exec->block_c >= 0 && exec->block_w >= 0;
+}
+
+pcm_status pcm_choose_algorithm(int op, const pcm_conv_desc *desc, const pcm_exec *exec,
+                                int64_t *algorithm_out)
+{
+    pcm_status status = pcm_desc_check(desc);
+    if (status != PCM_OK)
+        return status;
+    if (op < PCM_OP_FORWARD || op > PCM_OP_BACKWARD_WEIGHT || !exec_valid(exec) ||
+        algorithm_out == NULL)
+        return PCM_ERR_INVALID_ARGUMENT;
+
+    int64_t algorithm = choose_algorithm(exec, op, desc);
+    if (!pcm_algorithm_supported(algorithm, op, desc) || kernels_for(algorithm) == NULL)
+        return PCM_ERR_UNSUPPORTED;
+    *algorithm_out = algorithm;
+    return PCM_OK;
 }
 
 /* Common checks of every entry point; fills *kernels_out on success. */
 static pcm_status prepare(int dtype, const pcm_conv_desc *d, const pcm_exec *exec, int op,
                           const kernel_set **kernels_out)
 {
-    pcm_status status = pcm_desc_check(d);
-    if (status != PCM_OK)
-        return status;
+    int64_t algorithm = PCM_ALGO_AUTO;
     if (dtype != PCM_FLOAT32 && dtype != PCM_FLOAT64)
         return PCM_ERR_INVALID_ARGUMENT;
-    if (exec == NULL || exec->algorithm < PCM_ALGO_AUTO || exec->algorithm > PCM_ALGO_REFERENCE ||
-        exec->threads < 0 || exec->block_k < 0 || exec->block_c < 0 || exec->block_w < 0)
-        return PCM_ERR_INVALID_ARGUMENT;
-
-    int64_t algorithm = choose_algorithm(exec, op, d);
-    if (!pcm_algorithm_supported(algorithm, op, d))
-        return PCM_ERR_UNSUPPORTED;
+    pcm_status status = pcm_choose_algorithm(op, d, exec, &algorithm);
+    if (status != PCM_OK)
+        return status;
     *kernels_out = kernels_for(algorithm);
-    return *kernels_out != NULL ? PCM_OK : PCM_ERR_UNSUPPORTED;
+    return PCM_OK;
 }
 
 pcm_status pcm_conv2d_forward(int dtype, const pcm_conv_desc *desc, const pcm_exec *exec,
