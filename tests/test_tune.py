@@ -185,7 +185,8 @@ def test_sample_yields_only_valid_configs():
         assert sp.config_key(config) in valid
         seen.add(sp.config_key(config))
         study.tell(trial, 1.0)
-    assert len(seen) > len(valid) // 2
+    # Random sampling over the valid set reaches many distinct plans, not a handful.
+    assert len(seen) > min(len(valid), 200) // 2
 
 
 def test_project_default_threads_zero_to_one():
@@ -480,7 +481,7 @@ def test_cli_killed_run_resumes_from_journal(tmp_path):
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     measured = {json.dumps(t.user_attrs["config"], sort_keys=True) for t in study.trials
                 if "config" in t.user_attrs and not t.user_attrs.get("repeat")
-                and t.state != optuna.trial.TrialState.RUNNING}
+                and t.state == optuna.trial.TrialState.COMPLETE}
     space_size = profile.read_file(path)[0].popitem()[1]["space_size"]
     assert len(measured) == min(12, space_size)
     assert sum(1 for t in study.trials if t.user_attrs.get("default")) == 1
