@@ -447,7 +447,8 @@ def convert(model, *, comm=None, placement="replicated", strategy="auto"):
     replacements = {}
     parents = []
     for path, module in model.named_modules(remove_duplicate=False):
-        for child_name, child in module.named_children():
+        # named_children() skips repeats of a shared child within one parent; _modules does not.
+        for child_name, child in module._modules.items():
             if type(child) is torch.nn.Conv2d:
                 if id(child) not in replacements:
                     child_path = f"{path}.{child_name}" if path else child_name
