@@ -229,11 +229,10 @@ class DataParallel:
         signature += [("buffer", name, tuple(b.shape), str(b.dtype), False)
                       for name, b in self.module.named_buffers()]
         replies = self.comm.allgather((None if error is None else str(error), signature))
-        rank = self.comm.Get_rank()
+        if error is not None:
+            raise error
         for other_rank, (message, _) in enumerate(replies):
             if message is not None:
-                if other_rank == rank:
-                    raise error
                 raise RemoteRankError(f"{fn}: rank {other_rank} rejected its model: {message}")
         reference = replies[0][1]
         for other_rank, (_, other) in enumerate(replies):
@@ -260,20 +259,20 @@ class DataParallel:
                     self.comm.Bcast(staging, root=root)
                     tensor.copy_(torch.from_numpy(staging))
 
-    def _exchange(self, weight, fn):
+    def _exchange(self, weight, fn, weighted=True):
         """Agree on every rank's weight and on which gradients exist on at least one rank.
 
         One small allgather; a bad weight on any rank raises on every rank before any
         gradient moves. Returns (weights, present) with ``present`` a boolean per bucketed
         parameter.
         """
-        error = None if weight is None else _check_weight(weight, fn)
+        error = _check_weight(weight, fn) if weighted else None
         local_present = np.packbits([p.grad is not None for p in self._bucketed]).tobytes()
         replies = self.comm.allgather((error, weight if error is None else None, local_present))
+        if error is not None:
+            raise ValueError(error)
         for rank, (message, _, _) in enumerate(replies):
             if message is not None:
-                if rank == self.comm.Get_rank():
-                    raise ValueError(message)
                 raise RemoteRankError(f"{fn}: rank {rank} rejected its arguments: {message}")
         present = np.zeros(len(self._bucketed), dtype=bool)
         for _, _, bits in replies:
@@ -333,7 +332,7 @@ class DataParallel:
         loss over all samples. Parameters summed by pyconvmpi layers are left as they are.
         A rank whose gradient is missing contributes zeros.
         """
-        _, present = self._exchange(None, "DataParallel.sum_gradients")
+        _, present = self._exchange(None, "DataParallel.sum_gradients", weighted=False)
         self._reduce(present, scale=1.0, include=True)
 
     def _reduce(self, present, scale, include):
