@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--placement", choices=("local", "batch"), default="local",
                         help="pyconvmpi layers compute on each rank alone (local) or as one "
                              "collective call with the batch split over ranks (batch)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="precision of the weights and data (default float32)")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the reference run with torch.nn.Conv2d")
     parser.add_argument("--threads", type=int, default=0,
@@ -160,8 +162,10 @@ def run(args, comm):
     import pyconvmpi.torch as pcm_torch
     from pyconvmpi.parallel import DataParallel
 
+    dtype = getattr(torch, args.dtype)
     x_train, y_train, x_test, y_test = load_data(args.seed)
-    reference = build_model(args.seed)
+    x_train, x_test = x_train.to(dtype), x_test.to(dtype)
+    reference = build_model(args.seed).to(dtype)
     layer_comm = comm if args.placement == "batch" else None
     placement = "batch" if args.placement == "batch" else "replicated"
     models = {"pyconvmpi": pcm_torch.convert(copy.deepcopy(reference), comm=layer_comm,
@@ -227,7 +231,8 @@ def main(argv=None):
     torch.set_num_threads(threads)
     if comm.Get_rank() == 0:
         print(f"digits CNN: {comm.Get_size()} rank(s) x {threads} thread(s), global batch "
-              f"{args.batch_size}, {args.epochs} epochs, placement {args.placement}", flush=True)
+              f"{args.batch_size}, {args.epochs} epochs, {args.dtype}, placement {args.placement}",
+              flush=True)
     epochs = run(args, comm)
     names = [name for name in ("pyconvmpi", "torch") if name in epochs[0]]
     if comm.Get_rank() == 0:
@@ -237,6 +242,7 @@ def main(argv=None):
             with open(args.json, "w") as handle:
                 json.dump({"ranks": comm.Get_size(), "threads": threads,
                            "placement": args.placement, "batch_size": args.batch_size,
+                           "dtype": args.dtype,
                            "seed": args.seed, "epochs": epochs}, handle, indent=1)
     return 0
 
