@@ -1,8 +1,8 @@
 """Blur photographs and find their edges with pyconvmpi, the batch split over MPI ranks.
 
 Rank 0 reads the images (by default the two photographs scikit-learn ships, or every image
-in ``--images DIR``), groups them by size into batches, and each filter runs as one
-``pyconvmpi.conv2d`` call in the ``root`` placement: only rank 0 holds the images and the
+in ``--images DIR``) and groups them by size into batches. Each filter then runs as one
+``pyconvmpi.conv2d`` call in the ``root`` placement. Only rank 0 has the images and the
 results, and the library splits the work over the ranks (``--strategy``, default ``batch``).
 Rank 0 writes ``<name>_blur.png`` and ``<name>_edges.png`` into ``--output``.
 
@@ -150,8 +150,8 @@ def main(argv=None):
     # One rank alone needs no communicator: the call then runs on this process only.
     comm = world if size > 1 else None
 
-    # Rank 0 reads the images and tells the others how many batches follow (or the error),
-    # so that every rank makes the same collective calls or stops together.
+    # Rank 0 reads the images and broadcasts the batches' layout (or the error), so that
+    # every rank makes the same collective calls or stops together.
     images, groups, error = [], None, None
     if rank == 0:
         try:

@@ -117,9 +117,10 @@ def local_part(count, rank, size):
 def train_epoch(dp, optimizer, x, y, order, batch_size, comm):
     """Train one epoch; return the mean loss of each global batch, over all ranks' samples.
 
-    Each rank's loss is the sum of its samples' losses divided by the global batch size,
-    so the gradients summed over ranks are those of the mean loss of the global batch: the
-    per-rank means weighted by the local batch sizes, exact also for uneven splits.
+    Each rank's loss is the sum of its samples' losses divided by the global batch size.
+    The gradients summed over ranks are then those of the mean loss of the global batch,
+    which is the mean of the per-rank means weighted by the local batch sizes, also when
+    the split is uneven.
     """
     import torch
 

@@ -1,6 +1,6 @@
 """Data-parallel training of any PyTorch model over MPI ranks, with mpi4py.
 
-Every rank holds a full replica of the model and trains on its own part of each global
+Every rank keeps a full replica of the model and trains on its own part of each global
 batch. ``DataParallel`` broadcasts rank 0's parameters and buffers at the start and, after
 each backward pass, reduces the gradients across ranks. Gradients travel in a few large
 buckets (25 MiB by default), one ``Allreduce`` per bucket, rather than one message per
@@ -145,7 +145,7 @@ class DataParallel:
     The constructor broadcasts rank 0's parameters and buffers to the other ranks, so every
     replica starts from the same weights. After each backward pass, call
     ``average_gradients`` (gradients of a per-rank mean loss) or ``sum_gradients`` (gradients
-    of a loss already divided by the global batch size); every rank then holds the same
+    of a loss already divided by the global batch size); every rank then has the same
     gradients and an optimizer step keeps the replicas equal.
 
     Parameters of ``pyconvmpi.torch.Conv2d`` layers with a communicator in the ``batch`` or
@@ -290,9 +290,9 @@ class DataParallel:
         with weight 0 contributes nothing (its gradients may be missing).
 
         Parameters whose gradients pyconvmpi layers already summed over the ranks are
-        divided by the number of ranks, which is their mean only when all weights are equal;
-        unequal weights then raise ValueError (use ``sum_gradients`` with the loss divided by
-        the global batch size instead).
+        divided by the number of ranks. That is their mean only when all weights are equal,
+        so unequal weights then raise ValueError. Use ``sum_gradients`` with the loss divided
+        by the global batch size instead.
 
         Parameters
         ----------

@@ -82,8 +82,8 @@ def _check_comm(comm, fn):
 def _agree(comm, error, fn):
     """Raise ``error`` here, or RemoteRankError, on every rank of ``comm`` if any rank has one.
 
-    Checks made in this module run before the library's own agreement, so a bad tensor on
-    one rank must stop the others here too; otherwise they would wait in the library's
+    Checks made in this module run before the library's own agreement. A bad tensor on one
+    rank must therefore stop the others here too, or they would wait in the library's
     collective for a rank that never arrives. Costs one small allgather per call.
     """
     if comm is None:
@@ -132,8 +132,8 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, options):
-        # A strided view is copied once here and the copy is what backward sees, so the
-        # backward pass does not copy it again.
+        # A strided view is copied once here and backward uses the copy, so the backward
+        # pass does not copy it again.
         input = input.contiguous()
         weight = weight.contiguous()
         output = _conv.conv2d(

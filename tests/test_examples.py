@@ -67,10 +67,13 @@ def _curve(path, name="pyconvmpi"):
 @requires_torch
 def test_train_digits_quick_one_process(tmp_path):
     output = _check(_run(TRAIN, "--quick", "--json", tmp_path / "run.json"))
-    assert "epoch   1" in output and "epoch   2" in output and "epoch   3" not in output
+    assert "epoch   1" in output
+    assert "epoch   2" in output
+    assert "epoch   3" not in output
     assert "time per epoch, pyconvmpi / torch.nn.Conv2d:" in output
     data, losses, _ = _curve(tmp_path / "run.json")
-    assert data["ranks"] == 1 and len(data["epochs"]) == 2
+    assert data["ranks"] == 1
+    assert len(data["epochs"]) == 2
     assert len(losses) == 2 * 45                         # 1,437 training images / 32
     assert losses[-1] < losses[0]
     # Same initial weights and data: the first step's loss equals torch.nn.Conv2d's.
@@ -94,7 +97,8 @@ def _compare_two_ranks_with_one(tmp_path, dtype, placement):
     _check(run_mpi(2, [TRAIN, *options, "--placement", placement, "--json", two]))
     _, losses_one, accuracies_one = _curve(one)
     data, losses_two, accuracies_two = _curve(two)
-    assert data["ranks"] == 2 and len(losses_two) == 45 * EPOCHS[dtype]
+    assert data["ranks"] == 2
+    assert len(losses_two) == 45 * EPOCHS[dtype]
     np.testing.assert_allclose(losses_two, losses_one, rtol=LOSS_RTOL[dtype])
     # A test image whose two largest logits nearly tie may flip; allow one of 360.
     np.testing.assert_allclose(accuracies_two, accuracies_one, atol=1.5 / 360)
@@ -155,7 +159,8 @@ def test_filter_images_sample_photographs(tmp_path):
         name = Path(source).stem
         blur, edges = _png(tmp_path / "out" / f"{name}_blur.png"), _png(tmp_path / "out" / f"{name}_edges.png")
         expected_blur, expected_edges = _reference_filters(source)
-        assert blur.shape == expected_blur.shape and edges.shape == expected_edges.shape
+        assert blur.shape == expected_blur.shape
+        assert edges.shape == expected_edges.shape
         # Rounding to 8 bits may differ by one level where a value sits on a boundary.
         assert np.abs(blur.astype(int) - expected_blur).max() <= 1, name
         assert np.abs(edges.astype(int) - expected_edges).max() <= 1, name

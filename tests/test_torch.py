@@ -18,9 +18,9 @@ import pyconvmpi  # noqa: E402
 import pyconvmpi.conv  # noqa: E402
 import pyconvmpi.torch as pt  # noqa: E402
 
-# Tolerances against PyTorch. Both compute the same sums in different orders; float32
-# rounding grows with the reduction length (here at most a few hundred terms), so 1e-5
-# relative with a small absolute floor covers it. float64 differences are near 1e-15.
+# Tolerances against PyTorch. Both compute the same sums in different orders. float32
+# rounding grows with the reduction length, which is at most a few hundred terms here, so
+# 1e-5 relative with a small absolute floor covers it. float64 differences are near 1e-15.
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -87,7 +87,8 @@ def test_conv2d_matches_torch_forward_and_grads(case, dtype):
     ours = pt.conv2d(x, w, b, **options)
     theirs = F.conv2d(x, w, b, **options)
     torch.testing.assert_close(ours, theirs, **TOLERANCES[dtype])
-    assert ours.dtype == dtype and ours.shape == theirs.shape
+    assert ours.dtype == dtype
+    assert ours.shape == theirs.shape
 
     grad_output = _random(theirs.shape, dtype, seed=21)
     our_grads = torch.autograd.grad(ours, tensors, grad_output)
@@ -99,7 +100,8 @@ def test_conv2d_matches_torch_forward_and_grads(case, dtype):
 def test_conv2d_strided_inputs_match_contiguous():
     x = _random((2, 8, 9, 3), torch.float64, seed=30).permute(0, 3, 1, 2)  # NHWC memory
     w = _random((4, 3, 3, 3), torch.float64, seed=31)[:, :, ::1, :].transpose(2, 3)
-    assert not x.is_contiguous() and not w.is_contiguous()
+    assert not x.is_contiguous()
+    assert not w.is_contiguous()
     expected = F.conv2d(x.contiguous(), w.contiguous(), padding=1)
     torch.testing.assert_close(pt.conv2d(x, w, padding=1), expected, rtol=1e-12, atol=1e-12)
 
@@ -288,9 +290,9 @@ def test_module_gradcheck_float64(kwargs, padding_mode):
     def function(x, *values):
         return torch.func.functional_call(layer, dict(zip(("weight", "bias"), values)), (x,))
 
-    # fast_mode checks random projections of the Jacobian, a few calls instead of one per
-    # element; the full Jacobian is checked for the function above, and the module's
-    # gradients are also compared with torch.nn.Conv2d's below.
+    # fast_mode checks random projections of the Jacobian, which takes a few calls instead
+    # of two per element. The full Jacobian is checked for the function above, and the
+    # module's gradients are compared with torch.nn.Conv2d's below.
     assert torch.autograd.gradcheck(function, (x, *parameters), fast_mode=True)
 
 
@@ -368,7 +370,9 @@ def test_module_state_dict_without_bias_round_trips():
 def test_module_is_a_torch_conv2d():
     layer = pt.Conv2d(2, 3, 3)
     assert isinstance(layer, torch.nn.Conv2d)
-    assert layer.placement == "replicated" and layer.strategy == "auto" and layer.comm is None
+    assert layer.placement == "replicated"
+    assert layer.strategy == "auto"
+    assert layer.comm is None
 
 
 def test_module_non_cpu_device_raises_type_error():
@@ -412,7 +416,8 @@ def test_module_repr_shows_distribution():
     from mpi4py import MPI
 
     layer = pt.Conv2d(2, 3, 3, comm=MPI.COMM_SELF, placement="batch", strategy="batch")
-    assert "placement='batch'" in repr(layer) and "strategy='batch'" in repr(layer)
+    assert "placement='batch'" in repr(layer)
+    assert "strategy='batch'" in repr(layer)
 
 
 def test_module_deepcopy_shares_communicator():
@@ -526,7 +531,8 @@ def test_convert_leaves_converted_layers_alone():
 def test_convert_root_conv2d_returns_new_layer():
     layer = torch.nn.Conv2d(2, 3, 3)
     converted = pt.convert(layer)
-    assert type(converted) is pt.Conv2d and type(layer) is torch.nn.Conv2d
+    assert type(converted) is pt.Conv2d
+    assert type(layer) is torch.nn.Conv2d
     assert converted.weight is layer.weight
 
 

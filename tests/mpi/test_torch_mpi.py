@@ -67,7 +67,7 @@ class _GatherAlong(torch.autograd.Function):
 class _SumGradient(torch.autograd.Function):
     """Identity forward; backward sums the gradient over ranks.
 
-    A tensor that every rank holds in full but uses only a part of gets, on every rank, the
+    A tensor that every rank has in full but uses only a part of gets, on every rank, the
     gradient of the global function.
     """
 
@@ -86,8 +86,8 @@ class _SumGradient(torch.autograd.Function):
 def _global_function(comm, placement, options):
     """Return F(X, w, b): the full output of a batch- or rows-placement conv of the full X.
 
-    Each rank convolves its own part of X; the parts are gathered, so F is the same
-    function on every rank and gradcheck's perturbations agree across ranks.
+    Each rank convolves its own part of X and the parts are gathered. F is then the same
+    function on every rank, so gradcheck's perturbations agree across ranks.
     """
 
     def function(x, w, b=None):
@@ -187,14 +187,14 @@ def test_module_root_placement_inference(comm):
             assert output is None
 
 
-def test_conv2d_root_placement_with_grad_raises_on_every_rank(comm):
+def test_root_placement_grad_raises_everywhere(comm):
     weight = torch.zeros((2, 3, 3, 3), requires_grad=True)
     x = torch.zeros((1, 3, 5, 5)) if comm.Get_rank() == 0 else None
     with pytest.raises(ValueError, match="placement='root' supports inference only"):
         pt.conv2d(x, weight, comm=comm, placement="root")
 
 
-def test_conv2d_bad_dtype_on_one_rank_raises_on_every_rank(comm):
+def test_bad_dtype_one_rank_raises_everywhere(comm):
     bad_rank = comm.Get_size() - 1
     dtype = torch.float16 if comm.Get_rank() == bad_rank else torch.float32
     x = torch.zeros((1, 2, 5, 5), dtype=dtype)
