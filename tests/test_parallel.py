@@ -114,7 +114,7 @@ def test_meta_parameter_raises_type_error():
 
 @pytest.mark.mpi
 @requires_mpiexec
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_torch_mpi_tests_pass_on_ranks(ranks):
     result = run_mpi(ranks, ["-m", "pytest", "-q", "-p", "no:cacheprovider", MPI_TESTS],
                      timeout=600)
