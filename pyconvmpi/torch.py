@@ -169,7 +169,7 @@ class _Conv2dFunction(torch.autograd.Function):
         return _from_numpy(grads.input), _from_numpy(grads.weight), _from_numpy(grads.bias), None
 
 
-def _check_placement_differentiable(comm, input, weight, bias, placement, fn):
+def _check_placement_differentiable(comm, input, weight, bias, fn):
     """Raise on every rank when a root-placement call would need gradients.
 
     Ranks other than 0 pass no tensors in the root placement, so they hold no autograd
@@ -211,8 +211,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         and runs the backward pass in the same order.
     placement : {"replicated", "root", "batch", "rows"}
         Where the data lives across ranks; see ``pyconvmpi.conv2d``. With ``"batch"`` and
-        ``"rows"`` the weight and bias gradients are summed over all ranks. ``"root"`` is for
-        inference only (no tensor may require a gradient).
+        ``"rows"`` the weight and bias gradients are summed over all ranks. ``"root"`` with a
+        communicator is for inference only (no tensor may require a gradient).
     strategy : {"auto", "batch", "channels", "rows", "hybrid"}
         How ``replicated`` and ``root`` placements split the work.
 
@@ -237,32 +237,24 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """
     fn = "pyconvmpi.torch.conv2d"
     _check_comm(comm, fn)
-    _distributed.check_names(placement, strategy, fn)
     options = _Options(stride, padding, dilation, groups, comm, placement, strategy)
-
-    if placement == "root" and comm is not None:
-        is_root = comm.Get_rank() == 0
-        error = None
-        if is_root:
-            try:
-                _check_tensors(input, weight, bias, fn)
-            except TypeError as exc:
-                error = exc
-        _agree(comm, error, fn)
-        _check_placement_differentiable(comm, input, weight, bias, placement, fn)
-        if not is_root:
-            _conv.conv2d(None, None, None, **options.conv_kwargs())
-            return None
-        return _Conv2dFunction.apply(input, weight, bias, options)
+    # Ranks other than 0 pass no tensors in the root placement.
+    reads_tensors = comm is None or placement != "root" or comm.Get_rank() == 0
 
     error = None
     try:
-        _check_tensors(input, weight, bias, fn)
-    except TypeError as exc:
+        _distributed.check_names(placement, strategy, fn)
+        if reads_tensors:
+            _check_tensors(input, weight, bias, fn)
+    except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, fn)
-    if placement == "root":
-        _check_placement_differentiable(comm, input, weight, bias, placement, fn)
+
+    if placement == "root" and comm is not None:
+        _check_placement_differentiable(comm, input, weight, bias, fn)
+        if not reads_tensors:
+            _conv.conv2d(None, None, None, **options.conv_kwargs())
+            return None
     return _Conv2dFunction.apply(input, weight, bias, options)
 
 

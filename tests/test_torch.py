@@ -254,6 +254,15 @@ def test_conv2d_bad_comm_raises_type_error():
         pt.conv2d(x, w, comm=0)
 
 
+def test_conv2d_root_placement_without_comm_is_differentiable():
+    # Without a communicator the call runs on this process alone and placement is unused.
+    x = _random((1, 2, 5, 5), torch.float64, seed=47, requires_grad=True)
+    w = _random((3, 2, 3, 3), torch.float64, seed=48)
+    grad, = torch.autograd.grad(pt.conv2d(x, w, placement="root").sum(), x)
+    expected, = torch.autograd.grad(F.conv2d(x, w).sum(), x)
+    torch.testing.assert_close(grad, expected, **TOLERANCES[torch.float64])
+
+
 def test_conv2d_root_placement_with_grad_raises_value_error():
     from mpi4py import MPI
 

@@ -221,6 +221,18 @@ def test_bad_dtype_one_rank_raises_everywhere(comm):
             pt.conv2d(x, w, comm=comm, placement="batch")
 
 
+def test_bad_placement_one_rank_raises_everywhere(comm):
+    bad_rank = comm.Get_size() - 1
+    placement = "everywhere" if comm.Get_rank() == bad_rank else "batch"
+    x, w = torch.zeros((1, 2, 5, 5)), torch.zeros((3, 2, 3, 3))
+    if comm.Get_rank() == bad_rank:
+        with pytest.raises(ValueError, match="placement must be one of"):
+            pt.conv2d(x, w, comm=comm, placement=placement)
+    else:
+        with pytest.raises(pyconvmpi.RemoteRankError, match=f"rank {bad_rank} rejected"):
+            pt.conv2d(x, w, comm=comm, placement=placement)
+
+
 # --- DataParallel -------------------------------------------------------------------------
 
 def _small_model(seed, conv=torch.nn.Conv2d):
