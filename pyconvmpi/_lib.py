@@ -67,8 +67,27 @@ def _candidate_paths():
     return [Path(entry) / LIBRARY_NAME for entry in package.__path__]
 
 
+def _installed_path():
+    """Return where pip installed the library, or None if the package is not installed.
+
+    Running Python from a source checkout (``python -m pytest`` in the repository root) imports
+    the source tree's package, which contains no built library, ahead of the installed one.
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("pyconvmpi")
+    except metadata.PackageNotFoundError:
+        return None
+    return Path(distribution.locate_file(f"pyconvmpi/{LIBRARY_NAME}"))
+
+
 def _load():
     candidates = _candidate_paths()
+    if not os.environ.get("PYCONVMPI_LIBRARY") and not any(p.is_file() for p in candidates):
+        installed = _installed_path()
+        if installed is not None:
+            candidates.append(installed)
     for path in candidates:
         if path.is_file():
             try:

@@ -5,7 +5,7 @@ ValueError for a bad value or shape. Messages read ``<function>: <argument> <rul
 """
 
 import logging
-import numbers
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -14,6 +14,11 @@ logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 GRADIENT_NAMES = ("input", "weight", "bias")
+TORCH_DTYPES = ("torch.float32", "torch.float64")
+
+# Largest stride, padding or dilation accepted, and the largest element count of the output:
+# the C library rejects sizes above 2**56 so that products of them cannot overflow int64.
+MAX_VALUE = 2**56
 
 
 class Geometry(NamedTuple):
@@ -54,8 +59,10 @@ def _torch_to_numpy(value, name, fn):
             f"{fn}: {name} is a tensor on device {str(device)!r}; pyconvmpi computes on the "
             "CPU, so move it with .cpu() first"
         )
-    if getattr(value, "is_sparse", False) or getattr(value, "is_quantized", False):
+    if str(value.layout) != "torch.strided":
         raise TypeError(f"{fn}: {name} must be a dense tensor; got layout {value.layout}")
+    if str(value.dtype) not in TORCH_DTYPES:
+        raise TypeError(f"{fn}: {name} must have dtype float32 or float64; got {value.dtype}")
     if value.is_conj() or value.is_neg():
         value = value.resolve_conj().resolve_neg()
     return value.detach().numpy()
@@ -67,24 +74,22 @@ def as_array(value, name, fn, allow_none=False):
     Accepts numpy arrays and CPU torch tensors (through their zero-copy numpy view). Makes a
     contiguous copy only when needed and never changes the caller's object.
     """
-    if value is None:
-        if allow_none:
+    if type(value) is not np.ndarray:
+        value = _other_to_numpy(value, name, fn, allow_none)
+        if value is None:
             return None
-        raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got None")
-    if not isinstance(value, np.ndarray):
-        if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
-            value = _torch_to_numpy(value, name, fn)
-        else:
-            raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got {type(value).__name__}")
     dtype = value.dtype
     if dtype.kind != "f" or dtype.itemsize not in (4, 8):
         raise TypeError(f"{fn}: {name} must have dtype float32 or float64; got {dtype}")
     if not dtype.isnative:
         logger.debug("%s: copying %s to native byte order", fn, name)
         return value.astype(dtype.newbyteorder("="), order="C")
-    if not value.flags.c_contiguous:
-        logger.debug("%s: copying %s (shape %s) to a C-contiguous array", fn, name, value.shape)
-        return np.ascontiguousarray(value)
+    flags = value.flags
+    if not (flags.c_contiguous and flags.aligned):
+        # C kernels may assume elements aligned to their size, as C requires.
+        logger.debug("%s: copying %s (shape %s) to an aligned C-contiguous array", fn, name,
+                     value.shape)
+        return np.array(value, order="C", copy=True)
     return value
 
 
@@ -103,31 +108,76 @@ def check_same_dtype(arrays, fn):
             )
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def _other_to_numpy(value, name, fn, allow_none):
+    """Return a CPU torch tensor or ndarray subclass as an ndarray; None stays None if allowed."""
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got None")
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{fn}: {name} must be a numpy.ndarray, not a masked array, because the mask "
+            "would be ignored; pass value.filled(0) or value.data"
+        )
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
+        return _torch_to_numpy(value, name, fn)
+    raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got {type(value).__name__}")
 
 
-def int_pair(value, name, fn, minimum):
-    """Normalise an int or a sequence of one or two ints, each at least ``minimum``."""
-    if _is_int(value):
-        pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(_is_int(v) for v in value):
-        pair = (int(value[0]), int(value[-1]))
-    else:
-        raise TypeError(f"{fn}: {name} must be an int or a pair of ints; got {value!r}")
-    if min(pair) < minimum:
+def _as_int(value):
+    """Return ``value`` as an int if it is an integer other than a bool, else None.
+
+    Like PyTorch, accepts anything with ``__index__``: numpy integers and one-element integer
+    tensors.
+    """
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        result = operator.index(value)
+    except TypeError:
+        return None
+    return None if isinstance(result, bool) else result
+
+
+def _check_range(value, number, name, fn, minimum, maximum):
+    if number < minimum:
         rule = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{fn}: {name} must be {rule}; got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{fn}: {name} must be at most {maximum}; got {value!r}")
+
+
+def int_pair(value, name, fn, minimum, maximum=None):
+    """Normalise an int or a sequence of one or two ints, each in [minimum, maximum]."""
+    if type(value) is int and minimum <= value and (maximum is None or value <= maximum):
+        return (value, value)
+    number = _as_int(value)
+    if number is not None:
+        pair = (number, number)
+    elif isinstance(value, (tuple, list)) and len(value) in (1, 2):
+        pair = tuple(_as_int(v) for v in value)
+        if None in pair:
+            raise TypeError(f"{fn}: {name} must be an int or a pair of ints; got {value!r}")
+        pair = (pair[0], pair[-1])
+    else:
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints; got {value!r}")
+    for number in pair:
+        _check_range(value, number, name, fn, minimum, maximum)
     return pair
 
 
 def positive_int(value, name, fn):
     """Return ``value`` as an int, requiring a positive integer."""
-    if not _is_int(value):
+    number = _as_int(value)
+    if number is None:
         raise TypeError(f"{fn}: {name} must be a positive integer; got {value!r}")
-    if value < 1:
+    if number < 1:
         raise ValueError(f"{fn}: {name} must be a positive integer; got {value!r}")
-    return int(value)
+    return number
 
 
 def padding_sides(padding, kernel, stride, dilation, fn):
@@ -147,7 +197,7 @@ def padding_sides(padding, kernel, stride, dilation, fn):
         raise ValueError(
             f"{fn}: padding must be an int, a pair of ints, 'same' or 'valid'; got {padding!r}"
         )
-    ph, pw = int_pair(padding, "padding", fn, minimum=0)
+    ph, pw = int_pair(padding, "padding", fn, minimum=0, maximum=MAX_VALUE)
     return (ph, ph, pw, pw)
 
 
@@ -186,16 +236,34 @@ def geometry(input_shape, weight_shape, stride, padding, dilation, groups, fn):
             f"{fn}: weight has {cg} input channels per group x groups={groups} = {cg * groups} "
             f"channels but input has {c}"
         )
+    if (h == 0 or w == 0) and n > 0:
+        # PyTorch computes an image of zero rows or columns only for an empty batch.
+        raise ValueError(
+            f"{fn}: input must have at least one row and one column unless its batch is empty; "
+            f"got shape {tuple(input_shape)}"
+        )
     pad = padding_sides(padding, (r, s), stride, dilation, fn)
     eff_r, eff_s = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
     padded_h, padded_w = h + pad[0] + pad[1], w + pad[2] + pad[3]
     if padded_h < eff_r or padded_w < eff_s:
         raise ValueError(
-            f"{fn}: the dilated kernel ({eff_r} x {eff_s}) is larger than the padded input "
-            f"({padded_h} x {padded_w})"
+            f"{fn}: weight's kernel, dilated by dilation={dilation}, must fit in the input "
+            f"padded by padding={padding!r}; got a {eff_r} x {eff_s} kernel and a "
+            f"{padded_h} x {padded_w} padded input"
         )
     out_h = (padded_h - eff_r) // stride[0] + 1
     out_w = (padded_w - eff_s) // stride[1] + 1
+    if n * k * out_h * out_w > MAX_VALUE:
+        raise ValueError(
+            f"{fn}: the output must have at most {MAX_VALUE} elements; got shape "
+            f"({n}, {k}, {out_h}, {out_w}) from padding={padding!r}"
+        )
+    # PyTorch accepts any stride, and any dilation of a one-tap kernel axis. Past these limits
+    # the value no longer changes the result, so it is reduced to fit the C library's int64.
+    stride = (min(stride[0], padded_h - eff_r + 1), min(stride[1], padded_w - eff_s + 1))
+    dilation = (dilation[0] if r > 1 else 1, dilation[1] if s > 1 else 1)
+    if max(dilation) > MAX_VALUE:
+        raise ValueError(f"{fn}: dilation must be at most {MAX_VALUE}; got {dilation!r}")
     return Geometry(n, c, h, w, k, r, s, out_h, out_w, stride, pad, dilation, groups, batched)
 
 

@@ -75,12 +75,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         An MPI call failed.
     """
     fn = "conv2d"
-    _check_distribution_names(placement, strategy, plan, fn)
     if comm is not None:
+        # Collective: distributed checks every argument, names included, and reports a bad
+        # value on one rank to all ranks instead of leaving them waiting.
         from . import distributed
 
         return distributed.conv2d(input, weight, bias, stride, padding, dilation, groups,
                                   comm=comm, placement=placement, strategy=strategy, plan=plan)
+    if placement != "replicated" or strategy != "auto" or plan is not None:
+        _check_distribution_names(placement, strategy, plan, fn)
 
     x = V.as_array(input, "input", fn)
     w = V.as_array(weight, "weight", fn)
@@ -122,19 +125,20 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         forward output.
     """
     fn = "conv2d_backward"
-    needed = V.need_set(need, fn)
-    _check_distribution_names(placement, strategy, plan, fn)
     if comm is not None:
         from . import distributed
 
         return distributed.conv2d_backward(grad_output, input, weight, stride, padding, dilation,
-                                           groups, need=needed, comm=comm, placement=placement,
+                                           groups, need=need, comm=comm, placement=placement,
                                            strategy=strategy, plan=plan)
+    needed = V.need_set(need, fn)
+    if placement != "replicated" or strategy != "auto" or plan is not None:
+        _check_distribution_names(placement, strategy, plan, fn)
 
     go = V.as_array(grad_output, "grad_output", fn)
     x = V.as_array(input, "input", fn)
     w = V.as_array(weight, "weight", fn)
-    V.check_same_dtype({"grad_output": go, "input": x, "weight": w}, fn)
+    V.check_same_dtype({"input": x, "weight": w, "grad_output": go}, fn)
     geo = V.geometry(x.shape, w.shape, stride, padding, dilation, groups, fn)
     check_grad_output_shape(go, geo, fn)
     chosen = plan if plan is not None else _plan.choose(geo, "backward", x.dtype)

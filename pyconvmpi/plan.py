@@ -16,6 +16,7 @@ OPS = ("forward", "backward")
 ALGORITHMS = tuple(_lib.ALGORITHMS)
 STRATEGIES = ("local",) + tuple(_lib.STRATEGIES)
 SOURCES = ("profile", "heuristic", "user")
+MAX_SETTING = 2**31 - 1  # largest thread count, rank count or tile size a Plan accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Plan:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Plan: {name} must be a non-negative integer; got {value!r}")
+            # ctypes would wrap larger values silently, and kernels add tile sizes to sizes.
+            if value > MAX_SETTING:
+                raise ValueError(f"Plan: {name} must be at most {MAX_SETTING}; got {value!r}")
         if (
             not isinstance(self.grid, tuple)
             or len(self.grid) != 2
