@@ -89,12 +89,26 @@ def test_train_digits_reaches_95_percent(tmp_path):
     assert accuracies[-1] >= 0.95, output
 
 
-def _compare_two_ranks_with_one(tmp_path, dtype, placement):
-    options = ["--epochs", EPOCHS[dtype], "--dtype", dtype, "--no-compare"]
-    one = tmp_path / "one.json"
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """Return a function giving the one-process run's JSON path per dtype, run once each."""
+    paths = {}
+
+    def run(dtype):
+        if dtype not in paths:
+            path = tmp_path_factory.mktemp("one-process") / f"{dtype}.json"
+            _check(_run(TRAIN, "--epochs", EPOCHS[dtype], "--dtype", dtype, "--no-compare",
+                        "--json", path))
+            paths[dtype] = path
+        return paths[dtype]
+
+    return run
+
+
+def _compare_two_ranks_with_one(one, tmp_path, dtype, placement):
     two = tmp_path / "two.json"
-    _check(_run(TRAIN, *options, "--json", one))
-    _check(run_mpi(2, [TRAIN, *options, "--placement", placement, "--json", two]))
+    _check(run_mpi(2, [TRAIN, "--epochs", EPOCHS[dtype], "--dtype", dtype, "--no-compare",
+                       "--placement", placement, "--json", two]))
     _, losses_one, accuracies_one = _curve(one)
     data, losses_two, accuracies_two = _curve(two)
     assert data["ranks"] == 2
@@ -108,8 +122,8 @@ def _compare_two_ranks_with_one(tmp_path, dtype, placement):
 @requires_mpiexec
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_train_digits_two_ranks_match_one(tmp_path, dtype):
-    _compare_two_ranks_with_one(tmp_path, dtype, "local")
+def test_train_digits_two_ranks_match_one(one_process_runs, tmp_path, dtype):
+    _compare_two_ranks_with_one(one_process_runs(dtype), tmp_path, dtype, "local")
 
 
 @requires_torch
@@ -117,8 +131,8 @@ def test_train_digits_two_ranks_match_one(tmp_path, dtype):
 @requires_distributed
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_train_digits_batch_placement_matches_one_process(tmp_path, dtype):
-    _compare_two_ranks_with_one(tmp_path, dtype, "batch")
+def test_train_digits_batch_placement_matches_one_process(one_process_runs, tmp_path, dtype):
+    _compare_two_ranks_with_one(one_process_runs(dtype), tmp_path, dtype, "batch")
 
 
 def _reference_filters(path):
