@@ -225,6 +225,9 @@ def agree(comm, fn, error, signature, extent):
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     own_error = None if error is None else str(error)
+    if error is not None and not isinstance(error, (TypeError, ValueError)):
+        # The argument's own code failed, for example an __index__ or tensor method that raised.
+        own_error = f"{fn}: {type(error).__name__} while checking the arguments: {_strip(own_error, fn)}"
     records = comm.allgather((own_error, signature, extent))
 
     failed = [r for r, (message, _, _) in enumerate(records) if message is not None]
@@ -293,9 +296,14 @@ def _global_geometry(signature, extents, placement, fn):
         for r, ext in enumerate(extents):
             start, stop = bands[r]
             if ext["h"] != stop - start:
+                # The total height comes from every rank's band, so the first rank that differs
+                # may not be the wrong one. The message lists what each rank passed.
+                passed = [e["h"] for e in extents]
+                expected = [q - p for p, q in bands]
                 raise ValueError(
                     f"{fn}: rank {r} passed {ext['h']} input rows but its band of the {h} rows "
-                    f"is row_bands({h}, {len(extents)})[{r}] = {bands[r]} ({stop - start} rows)"
+                    f"is row_bands({h}, {len(extents)})[{r}] = {bands[r]} ({stop - start} rows); "
+                    f"ranks passed {passed} rows, row_bands expects {expected}"
                 )
     return geo
 
@@ -400,7 +408,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             else:
                 signature.update(data)
             extent = dict(extent, n=geo.n, h=x.shape[-2])
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        # An exception that escaped here would leave the other ranks waiting in agree().
         error = exc
     records = agree(comm, fn, error, signature, extent)
 
@@ -458,7 +467,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             else:
                 signature.update(data)
             extent = dict(extent, n=geo.n, h=x.shape[-2], grad_output_shape=go.shape)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        # An exception that escaped here would leave the other ranks waiting in agree().
         error = exc
     records = agree(comm, fn, error, signature, extent)
 
