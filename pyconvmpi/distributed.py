@@ -499,6 +499,31 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     return Conv2dGrads(_squeeze(grad_input, geo), grad_weight, grad_bias)
 
 
+def plan(input_shape, weight_shape, stride, padding, dilation, groups, *, dtype, op, comm,
+         placement):
+    """Collective ``pyconvmpi.plan``: validate on every rank and agree before choosing."""
+    from .plan import check_plan_arguments
+
+    fn = "plan"
+    _check_comm(comm, fn)
+    error, signature, geo, np_dtype = None, {}, None, None
+    try:
+        check_names(placement, "auto", fn)
+        geo, np_dtype = check_plan_arguments(input_shape, weight_shape, stride, padding,
+                                             dilation, groups, dtype, op, fn)
+        shape = geo.input_shape if geo.batched else geo.input_shape[1:]
+        signature = {"placement": placement, "op": op, "dtype": np_dtype.name,
+                     "input_shape": shape, "weight_shape": geo.weight_shape,
+                     "stride": geo.stride, "padding": geo.padding, "dilation": geo.dilation,
+                     "groups": geo.groups}
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        error = exc
+    # Without the agreement a rank with bad arguments would raise alone, and the others would
+    # wait in the first call's Split_type of ranks_per_node.
+    agree(comm, fn, error, signature, {})
+    return choose_plan(geo, op, np_dtype, comm, placement)
+
+
 def _shared_shape(geo, placement):
     """The part of the input shape that must match on every rank (rank 0's alone for root)."""
     n = None if placement == "batch" else geo.n

@@ -172,11 +172,21 @@ def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *
     TypeError, ValueError
         For the same arguments ``conv2d`` rejects, an unknown dtype or op.
     """
-    import numpy as np
+    if comm is not None:
+        from . import distributed
 
+        return distributed.plan(input_shape, weight_shape, stride, padding, dilation, groups,
+                                dtype=dtype, op=op, comm=comm, placement=placement)
+    geo, np_dtype = check_plan_arguments(input_shape, weight_shape, stride, padding, dilation,
+                                         groups, dtype, op, "plan")
+    return choose(geo, op, np_dtype)
+
+
+def check_plan_arguments(input_shape, weight_shape, stride, padding, dilation, groups, dtype, op,
+                         fn):
+    """Validate the arguments of ``plan()``; return the Geometry and the numpy dtype."""
     from . import _validate as V
 
-    fn = "plan"
     if op not in OPS:
         raise ValueError(f"{fn}: op must be one of {', '.join(map(repr, OPS))}; got {op!r}")
     try:
@@ -188,7 +198,7 @@ def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *
     input_shape = V.shape_tuple(input_shape, "input_shape", fn)
     weight_shape = V.shape_tuple(weight_shape, "weight_shape", fn)
     geo = V.geometry(input_shape, weight_shape, stride, padding, dilation, groups, fn)
-    return choose(geo, op, np_dtype, comm, placement)
+    return geo, np_dtype
 
 
 def desc_struct(geo):

@@ -110,3 +110,34 @@ def test_rows_band_error_lists_every_rank(comm):
     with pytest.raises(ValueError, match=re.escape(text)):
         pcm.conv2d(x[:, :, p:q], w, **options, comm=comm, placement="rows")
     _still_usable(comm)
+
+
+def test_plan_bad_dtype_on_one_rank(comm):
+    """plan(comm=...) checked its arguments without an agreement, so a rank with a bad dtype
+    raised alone while the others waited in the first Split_type of the new communicator."""
+    size, last = comm.Get_size(), comm.Get_size() - 1
+    fresh = comm.Dup()
+    try:
+        dtype = "int8" if comm.Get_rank() == last else "float32"
+        with pytest.raises(ValueError, match=rf"plan: rank {last} of {size}: dtype must be"):
+            pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), dtype=dtype, comm=fresh)
+        chosen = pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), comm=fresh)
+        assert chosen.source == "heuristic"
+    finally:
+        fresh.Free()
+
+
+def test_plan_rejects_unknown_placement(comm):
+    """plan(comm=..., placement="bogus") returned a plan instead of raising."""
+    with pytest.raises(ValueError, match="plan: .*placement must be one of .*got 'bogus'"):
+        pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), comm=comm, placement="bogus")
+
+
+def test_plan_ranks_disagree_on_shape(comm):
+    """Ranks that passed different shapes got different plans without an error."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    shape = (2 + comm.Get_rank() % 2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"plan: ranks disagree on input_shape: rank 1 has "
+                                         r"\(3, 3, 8, 8\) but rank 0 has \(2, 3, 8, 8\)"):
+        pcm.plan(shape, (4, 3, 3, 3), comm=comm)
