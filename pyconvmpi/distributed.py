@@ -199,6 +199,8 @@ def check_plan(plan, placement, size):
 
 
 def _check_comm(comm, fn):
+    # Limitation: a rank whose comm is not a usable communicator raises alone, because it has no
+    # way to reach its peers, and they wait for it until the job is killed.
     from mpi4py import MPI
 
     if not isinstance(comm, MPI.Intracomm):
