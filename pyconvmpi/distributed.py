@@ -20,6 +20,7 @@ The auto heuristic (used when no tuned profile has the layer) tries these in ord
 
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -65,6 +66,7 @@ def row_bands(rows, ranks):
 
 
 _keyval = None
+_keyval_lock = threading.Lock()
 _ranks_per_node_fallback = {}
 
 
@@ -77,8 +79,11 @@ def ranks_per_node(comm):
     global _keyval
     from mpi4py import MPI
 
-    if _keyval is None:
-        _keyval = MPI.Comm.Create_keyval()
+    # Two threads creating the key at once would cache counts under different keys, and a rank
+    # that then missed its cache would run Split_type alone while its peers did not.
+    with _keyval_lock:
+        if _keyval is None:
+            _keyval = MPI.Comm.Create_keyval()
     cached = comm.Get_attr(_keyval)
     if cached is not None:
         return cached
