@@ -180,6 +180,22 @@ def positive_int(value, name, fn):
     return number
 
 
+def shape_tuple(value, name, fn):
+    """Return a shape given by the caller (a sequence of non-negative ints) as a tuple of ints."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{fn}: {name} must be a sequence of integers; got {value!r}")
+    try:
+        entries = tuple(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be a sequence of integers; got {value!r}") from None
+    numbers = tuple(_as_int(v) for v in entries)
+    if None in numbers:
+        raise TypeError(f"{fn}: {name} must contain integers; got {entries!r}")
+    if any(number < 0 for number in numbers):
+        raise ValueError(f"{fn}: {name} must contain non-negative integers; got {entries!r}")
+    return numbers
+
+
 def padding_sides(padding, kernel, stride, dilation, fn):
     """Return (top, bottom, left, right) for an int, a pair, "same" or "valid"."""
     if isinstance(padding, str):

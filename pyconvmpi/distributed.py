@@ -20,6 +20,7 @@ The auto heuristic (used when no tuned profile has the layer) tries these in ord
 
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -65,6 +66,7 @@ def row_bands(rows, ranks):
 
 
 _keyval = None
+_keyval_lock = threading.Lock()
 _ranks_per_node_fallback = {}
 
 
@@ -77,8 +79,11 @@ def ranks_per_node(comm):
     global _keyval
     from mpi4py import MPI
 
-    if _keyval is None:
-        _keyval = MPI.Comm.Create_keyval()
+    # Two threads creating the key at once would cache counts under different keys, and a rank
+    # that then missed its cache would run Split_type alone while its peers did not.
+    with _keyval_lock:
+        if _keyval is None:
+            _keyval = MPI.Comm.Create_keyval()
     cached = comm.Get_attr(_keyval)
     if cached is not None:
         return cached
@@ -199,6 +204,8 @@ def check_plan(plan, placement, size):
 
 
 def _check_comm(comm, fn):
+    # Limitation: a rank whose comm is not a usable communicator raises alone, because it has no
+    # way to reach its peers, and they wait for it until the job is killed.
     from mpi4py import MPI
 
     if not isinstance(comm, MPI.Intracomm):
@@ -225,6 +232,9 @@ def agree(comm, fn, error, signature, extent):
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     own_error = None if error is None else str(error)
+    if error is not None and not isinstance(error, (TypeError, ValueError)):
+        # The argument's own code failed, for example an __index__ or tensor method that raised.
+        own_error = f"{fn}: {type(error).__name__} while checking the arguments: {_strip(own_error, fn)}"
     records = comm.allgather((own_error, signature, extent))
 
     failed = [r for r, (message, _, _) in enumerate(records) if message is not None]
@@ -293,9 +303,14 @@ def _global_geometry(signature, extents, placement, fn):
         for r, ext in enumerate(extents):
             start, stop = bands[r]
             if ext["h"] != stop - start:
+                # The total height comes from every rank's band, so the first rank that differs
+                # may not be the wrong one. The message lists what each rank passed.
+                passed = [e["h"] for e in extents]
+                expected = [q - p for p, q in bands]
                 raise ValueError(
                     f"{fn}: rank {r} passed {ext['h']} input rows but its band of the {h} rows "
-                    f"is row_bands({h}, {len(extents)})[{r}] = {bands[r]} ({stop - start} rows)"
+                    f"is row_bands({h}, {len(extents)})[{r}] = {bands[r]} ({stop - start} rows); "
+                    f"ranks passed {passed} rows, row_bands expects {expected}"
                 )
     return geo
 
@@ -400,7 +415,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             else:
                 signature.update(data)
             extent = dict(extent, n=geo.n, h=x.shape[-2])
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        # An exception that escaped here would leave the other ranks waiting in agree().
         error = exc
     records = agree(comm, fn, error, signature, extent)
 
@@ -458,7 +474,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             else:
                 signature.update(data)
             extent = dict(extent, n=geo.n, h=x.shape[-2], grad_output_shape=go.shape)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        # An exception that escaped here would leave the other ranks waiting in agree().
         error = exc
     records = agree(comm, fn, error, signature, extent)
 
@@ -487,6 +504,31 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         go, x, w, grad_input, grad_weight, grad_bias, context=fn,
     )
     return Conv2dGrads(_squeeze(grad_input, geo), grad_weight, grad_bias)
+
+
+def plan(input_shape, weight_shape, stride, padding, dilation, groups, *, dtype, op, comm,
+         placement):
+    """Collective ``pyconvmpi.plan``: validate on every rank and agree before choosing."""
+    from .plan import check_plan_arguments
+
+    fn = "plan"
+    _check_comm(comm, fn)
+    error, signature, geo, np_dtype = None, {}, None, None
+    try:
+        check_names(placement, "auto", fn)
+        geo, np_dtype = check_plan_arguments(input_shape, weight_shape, stride, padding,
+                                             dilation, groups, dtype, op, fn)
+        shape = geo.input_shape if geo.batched else geo.input_shape[1:]
+        signature = {"placement": placement, "op": op, "dtype": np_dtype.name,
+                     "input_shape": shape, "weight_shape": geo.weight_shape,
+                     "stride": geo.stride, "padding": geo.padding, "dilation": geo.dilation,
+                     "groups": geo.groups}
+    except Exception as exc:  # noqa: BLE001 - any failure here must reach the agreement
+        error = exc
+    # Without the agreement a rank with bad arguments would raise alone, and the others would
+    # wait in the first call's Split_type of ranks_per_node.
+    agree(comm, fn, error, signature, {})
+    return choose_plan(geo, op, np_dtype, comm, placement)
 
 
 def _shared_shape(geo, placement):

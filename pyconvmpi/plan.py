@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import os
 
+import numpy as np
+
 from . import _lib
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class Plan:
             raise ValueError(
                 f"Plan: source must be one of {', '.join(map(repr, SOURCES))}; got {self.source!r}"
             )
+        for name in ("active_ranks", "threads", "block_k", "block_c", "block_w", "grid"):
+            # numpy integers become ints, so that to_dict() stays JSON-ready.
+            object.__setattr__(self, name, _plain_ints(getattr(self, name)))
         for name in ("active_ranks", "threads", "block_k", "block_c", "block_w"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -103,6 +108,15 @@ class Plan:
         if source is not None:
             values["source"] = source
         return cls(**values)
+
+
+def _plain_ints(value):
+    """Return numpy integers as ints, and a list or tuple of them as a tuple; others unchanged."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) if isinstance(v, np.integer) else v for v in value)
+    return value
 
 
 def env_threads():
@@ -160,11 +174,21 @@ def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *
     TypeError, ValueError
         For the same arguments ``conv2d`` rejects, an unknown dtype or op.
     """
-    import numpy as np
+    if comm is not None:
+        from . import distributed
 
+        return distributed.plan(input_shape, weight_shape, stride, padding, dilation, groups,
+                                dtype=dtype, op=op, comm=comm, placement=placement)
+    geo, np_dtype = check_plan_arguments(input_shape, weight_shape, stride, padding, dilation,
+                                         groups, dtype, op, "plan")
+    return choose(geo, op, np_dtype)
+
+
+def check_plan_arguments(input_shape, weight_shape, stride, padding, dilation, groups, dtype, op,
+                         fn):
+    """Validate the arguments of ``plan()``; return the Geometry and the numpy dtype."""
     from . import _validate as V
 
-    fn = "plan"
     if op not in OPS:
         raise ValueError(f"{fn}: op must be one of {', '.join(map(repr, OPS))}; got {op!r}")
     try:
@@ -173,8 +197,10 @@ def plan(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *
         raise TypeError(f"{fn}: dtype must be 'float32' or 'float64'; got {dtype!r}") from None
     if np_dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"{fn}: dtype must be 'float32' or 'float64'; got {dtype!r}")
-    geo = V.geometry(tuple(input_shape), tuple(weight_shape), stride, padding, dilation, groups, fn)
-    return choose(geo, op, np_dtype, comm, placement)
+    input_shape = V.shape_tuple(input_shape, "input_shape", fn)
+    weight_shape = V.shape_tuple(weight_shape, "weight_shape", fn)
+    geo = V.geometry(input_shape, weight_shape, stride, padding, dilation, groups, fn)
+    return geo, np_dtype
 
 
 def desc_struct(geo):

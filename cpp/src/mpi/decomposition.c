@@ -25,6 +25,27 @@ static int caller_size(int comm_f)
 
 static int missing(const void *array, int64_t elements) { return array == NULL && elements > 0; }
 
+/* Return PCM_ERR_UNSUPPORTED unless the requested algorithm computes every op of the call. Every
+ * rank computes the same result before the agreement, so all ranks fail together. Otherwise the
+ * ranks with work would fail while the others waited for their results. */
+static pcm_status algorithm_status(const pcm_exec *exec, const pcm_conv_desc *desc, int forward,
+                                   int need)
+{
+    const int64_t algorithm = exec->algorithm;
+    if (algorithm < PCM_ALGO_AUTO || algorithm > PCM_ALGO_REFERENCE)
+        return PCM_OK; /* invalid rather than unsupported, so the agreement's checks reject it */
+    if (forward)
+        return pcm_algorithm_supported(algorithm, PCM_OP_FORWARD, desc) ? PCM_OK
+                                                                        : PCM_ERR_UNSUPPORTED;
+    if ((need & PCM_NEED_INPUT) &&
+        !pcm_algorithm_supported(algorithm, PCM_OP_BACKWARD_DATA, desc))
+        return PCM_ERR_UNSUPPORTED;
+    if ((need & (PCM_NEED_WEIGHT | PCM_NEED_BIAS)) &&
+        !pcm_algorithm_supported(algorithm, PCM_OP_BACKWARD_WEIGHT, desc))
+        return PCM_ERR_UNSUPPORTED;
+    return PCM_OK;
+}
+
 /* Local element counts of input and output under a placement (ROWS: this rank's bands). */
 static void local_counts(int comm_f, int rank, int placement, const pcm_conv_desc *d,
                          int64_t *input_out, int64_t *output_out)
@@ -64,6 +85,8 @@ pcm_status pcm_mpi_conv2d_forward(int comm_f, int placement, int strategy, int64
             missing(output, out_count))
             local = PCM_ERR_INVALID_ARGUMENT;
     }
+    if (local == PCM_OK)
+        local = algorithm_status(exec, desc, 1, 0);
 
     status = pcm_mpi_begin(comm_f, placement, strategy, grid_batch, grid_channels, active_ranks,
                            dtype, 0, desc, exec, bias != NULL, local, &ctx);
@@ -105,6 +128,8 @@ pcm_status pcm_mpi_conv2d_backward(int comm_f, int placement, int strategy, int6
             ((need & PCM_NEED_BIAS) && missing(grad_bias, desc->k)))
             local = PCM_ERR_INVALID_ARGUMENT;
     }
+    if (local == PCM_OK)
+        local = algorithm_status(exec, desc, 0, need);
 
     status = pcm_mpi_begin(comm_f, placement, strategy, grid_batch, grid_channels, active_ranks,
                            dtype, need, desc, exec, 0, local, &ctx);

@@ -1,0 +1,143 @@
+"""Reproducers of bugs found by adversarial runs of the collective calls.
+
+Each test failed before the fix it comes with, most of them by leaving every rank but one
+waiting forever. They run under plain pytest on a one-rank COMM_WORLD and under the mpiexec
+runs of tests/test_distributed.py, which collects every file of tests/mpi.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import pyconvmpi as pcm
+from pyconvmpi import _lib
+from pyconvmpi import _validate as V
+from pyconvmpi.distributed import row_bands
+from pyconvmpi.plan import desc_struct
+
+
+def _layer():
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((3, 4, 9, 7))
+    w = rng.standard_normal((6, 2, 3, 3))
+    return x, w, dict(padding=1, groups=2)
+
+
+def _still_usable(comm):
+    x, w, options = _layer()
+    out = pcm.conv2d(x, w, **options, comm=comm, strategy="rows")
+    np.testing.assert_allclose(out, pcm.conv2d(x, w, **options), rtol=1e-12, atol=1e-12)
+
+
+def _unsupported_algorithm(op):
+    """An algorithm name this build cannot run on _layer(), or None if it runs them all."""
+    x, w, options = _layer()
+    desc = desc_struct(V.geometry(x.shape, w.shape, 1, options["padding"], 1, options["groups"],
+                                  "test"))
+    for name in _lib.ALGORITHMS:
+        if not _lib.algorithm_supported(name, op, desc):
+            return name
+    return None
+
+
+@pytest.mark.parametrize(
+    "placement,strategy",
+    [("replicated", "channels"), ("replicated", "rows"), ("root", "batch"), ("root", "rows")],
+)
+def test_unsupported_algorithm_raises_on_every_rank(comm, placement, strategy):
+    """A plan naming an algorithm this build lacks used to fail only on the ranks with work,
+    after the agreement, while the others waited for their results forever."""
+    algorithm = _unsupported_algorithm("forward")
+    if algorithm is None:
+        pytest.skip("this build runs every algorithm on the layer")
+    x, w, options = _layer()
+    plan = pcm.Plan(strategy=strategy, algorithm=algorithm)
+    with pytest.raises(pcm.UnsupportedError, match="conv2d: not supported"):
+        pcm.conv2d(x, w, **options, comm=comm, placement=placement, plan=plan)
+    go = np.ones(pcm.conv2d(x, w, **options).shape)
+    backward = _unsupported_algorithm("backward_data")
+    if backward is not None:
+        plan = pcm.Plan(strategy=strategy, algorithm=backward)
+        with pytest.raises(pcm.UnsupportedError, match="conv2d_backward: not supported"):
+            pcm.conv2d_backward(go, x, w, **options, need=("input",), comm=comm,
+                                placement=placement, plan=plan)
+    _still_usable(comm)
+
+
+class _BrokenIndex:
+    """An option whose own code raises something other than TypeError or ValueError."""
+
+    def __index__(self):
+        raise RuntimeError("index failed")
+
+
+def test_runtime_error_in_arguments_reaches_all(comm):
+    """A RuntimeError raised while one rank checked its arguments escaped before the agreement,
+    and the other ranks waited for that rank forever."""
+    size, last = comm.Get_size(), comm.Get_size() - 1
+    x, w, options = _layer()
+    stride = _BrokenIndex() if comm.Get_rank() == last else 1
+    with pytest.raises(ValueError, match=rf"conv2d: rank {last} of {size}: RuntimeError while "
+                                         r"checking the arguments: index failed"):
+        pcm.conv2d(x, w, stride=stride, **options, comm=comm)
+
+    def need():
+        yield "input"
+        raise RuntimeError("need failed")
+
+    go = np.ones(pcm.conv2d(x, w, **options).shape)
+    with pytest.raises(ValueError, match=rf"rank {last} of {size}: RuntimeError .*need failed"):
+        pcm.conv2d_backward(go, x, w, **options, comm=comm,
+                            need=need() if comm.Get_rank() == last else ("input",))
+    _still_usable(comm)
+
+
+def test_rows_band_error_lists_every_rank(comm):
+    """One rank's wrong band changes the global height, so the rank first blamed may not be the
+    wrong one. The message lists what every rank passed."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size == 1:
+        pytest.skip("one rank's band is the whole image, whatever its height")
+    x, w, options = _layer()
+    p, q = row_bands(9, size)[rank]
+    if rank == size - 1:
+        p -= 2  # two rows too many on the last rank
+    passed = [stop - start for start, stop in row_bands(9, size)]
+    passed[-1] += 2
+    expected = [stop - start for start, stop in row_bands(11, size)]
+    text = f"ranks passed {passed} rows, row_bands expects {expected}"
+    with pytest.raises(ValueError, match=re.escape(text)):
+        pcm.conv2d(x[:, :, p:q], w, **options, comm=comm, placement="rows")
+    _still_usable(comm)
+
+
+def test_plan_bad_dtype_on_one_rank(comm):
+    """plan(comm=...) checked its arguments without an agreement, so a rank with a bad dtype
+    raised alone while the others waited in the first Split_type of the new communicator."""
+    size, last = comm.Get_size(), comm.Get_size() - 1
+    fresh = comm.Dup()
+    try:
+        dtype = "int8" if comm.Get_rank() == last else "float32"
+        with pytest.raises(ValueError, match=rf"plan: rank {last} of {size}: dtype must be"):
+            pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), dtype=dtype, comm=fresh)
+        chosen = pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), comm=fresh)
+        assert chosen.source == "heuristic"
+    finally:
+        fresh.Free()
+
+
+def test_plan_rejects_unknown_placement(comm):
+    """plan(comm=..., placement="bogus") returned a plan instead of raising."""
+    with pytest.raises(ValueError, match="plan: .*placement must be one of .*got 'bogus'"):
+        pcm.plan((2, 3, 8, 8), (4, 3, 3, 3), comm=comm, placement="bogus")
+
+
+def test_plan_ranks_disagree_on_shape(comm):
+    """Ranks that passed different shapes got different plans without an error."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    shape = (2 + comm.Get_rank() % 2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"plan: ranks disagree on input_shape: rank 1 has "
+                                         r"\(3, 3, 8, 8\) but rank 0 has \(2, 3, 8, 8\)"):
+        pcm.plan(shape, (4, 3, 3, 3), comm=comm)
