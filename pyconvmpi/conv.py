@@ -8,6 +8,7 @@ import numpy as np
 from . import _lib
 from . import _validate as V
 from . import plan as _plan
+from .errors import UnsupportedError
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     V.check_bias(b, geo, fn)
     chosen = plan if plan is not None else _plan.choose(geo, "forward", x.dtype)
 
+    desc = _plan.desc_struct(geo)
+    check_algorithm(plan, desc, ("forward",), fn)
+
     output = np.empty(geo.output_shape, dtype=x.dtype)
-    _lib.conv2d_forward(_plan.desc_struct(geo), chosen.exec_struct(), x, w, b, output)
+    _lib.conv2d_forward(desc, chosen.exec_struct(), x, w, b, output)
     return output if geo.batched else output[0]
 
 
@@ -143,6 +147,9 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     check_grad_output_shape(go, geo, fn)
     chosen = plan if plan is not None else _plan.choose(geo, "backward", x.dtype)
     desc, exec_ = _plan.desc_struct(geo), chosen.exec_struct()
+    ops = (("backward_data",) if "input" in needed else ()) + (
+        ("backward_weight",) if needed & {"weight", "bias"} else ())
+    check_algorithm(plan, desc, ops, fn)
 
     grad_input = grad_weight = grad_bias = None
     if "input" in needed:
@@ -157,6 +164,20 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             grad_bias = np.empty((geo.k,), dtype=x.dtype)
         _lib.conv2d_backward_weight(desc, exec_, go, x, grad_weight, grad_bias)
     return Conv2dGrads(grad_input, grad_weight, grad_bias)
+
+
+def check_algorithm(plan, desc, ops, fn):
+    """Raise UnsupportedError naming the algorithm if a forced one cannot compute ``ops``."""
+    if plan is None or plan.algorithm == "auto":
+        return
+    for op in ops:
+        if not _lib.algorithm_supported(plan.algorithm, op, desc):
+            usable = [name for name in _lib.ALGORITHMS
+                      if name != "auto" and _lib.algorithm_supported(name, op, desc)]
+            raise UnsupportedError(
+                f"{fn}: algorithm {plan.algorithm!r} cannot compute this convolution's {op} "
+                f"in this build; usable here: {', '.join(map(repr, usable))} or 'auto'"
+            )
 
 
 def check_grad_output_shape(grad_output, geo, fn):

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import __version__, _lib, conv, layers
 from ..plan import Plan, desc_struct
+from ..errors import UnsupportedError
 from .. import _validate
 from . import cases, report, timing
 
@@ -157,7 +158,11 @@ def main(argv=None):
     lines = report.table([])
     out.write("\n".join(lines) + "\n")
     for layer in layer_list(args):
-        row = bench_layer(layer, args, dtype, peak, use_torch)
+        try:
+            row = bench_layer(layer, args, dtype, peak, use_torch)
+        except UnsupportedError as exc:
+            out.write(f"{layer.name}: skipped, {exc}\n")
+            continue
         rows.append(row)
         out.write(report.table([row])[2] + "\n")
         out.flush()
