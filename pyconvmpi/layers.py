@@ -1,7 +1,7 @@
 """Named layer sets of well-known networks, shared by the benchmark and the tuner.
 
 Shapes follow the published architectures (ResNet, VGG, MobileNet v1) at the batch sizes
-given; ``seed`` holds the image-filtering workloads the project started from.
+given; ``seed`` contains the image-filtering workloads the project started from.
 """
 
 import re
@@ -38,7 +38,8 @@ class Layer(NamedTuple):
                     groups=self.groups)
 
     def flops(self, op="forward"):
-        """Return the multiply-add count x 2 of the forward pass (or of backward data + weights)."""
+        """Return the floating-point operations (2 per multiply-add) of the forward pass, or of
+        backward data plus backward weights for any other op."""
         eff_r = self.dilation * (self.r - 1) + 1
         eff_s = self.dilation * (self.s - 1) + 1
         pad = self.padding

@@ -23,7 +23,7 @@ MAX_SETTING = 2**31 - 1  # largest thread count, rank count or tile size a Plan 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a convolution runs.
+    """Execution choices for one convolution and where they came from.
 
     Attributes
     ----------
