@@ -2,6 +2,7 @@
 #include <stddef.h>
 
 #include "pcm_internal.h"
+#include "conv/conv_depthwise.h"
 #include "conv/conv_fast.h"
 
 typedef struct kernel_set {
@@ -66,7 +67,8 @@ static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_des
      * input channels per group. Everything else runs on the GEMM tiles. */
     switch (op) {
     case PCM_OP_FORWARD:
-        return (cg <= 4 && pcm_simd_direct_fits(d)) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
+        return ((cg <= 4 && pcm_simd_direct_fits(d)) || pcm_dw3x3_fits(d)) ? PCM_ALGO_DIRECT
+                                                                           : PCM_ALGO_GEMM;
     case PCM_OP_BACKWARD_DATA:
         return (kg <= 4 && unit_stride && d->s <= PCM_DIRECT_S_MAX) ? PCM_ALGO_DIRECT
                                                                       : PCM_ALGO_GEMM;

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv/conv_depthwise.h"
 #include "conv/conv_fast.h"
 
 void *pcm_alloc64(size_t bytes)
