@@ -3,7 +3,7 @@
 Covers what the shared parity suites do not reach: partial last tiles (odd output sizes),
 negative and asymmetric pads of pcm_conv_desc, groups, empty batches, 1x1 images, thread
 counts, and outputs pre-filled with NaN so that every element must be written. The reference
-(tests/reference.py) only knows symmetric non-negative padding, so each case builds the
+(tests/reference.py) only handles symmetric non-negative padding, so each case builds the
 window the descriptor describes explicitly: ``extended`` holds input[y - pad_top][x - pad_left]
 (zero outside the image) over out_h + 2 rows and out_w + 2 columns, and the reference runs
 on it without padding.
