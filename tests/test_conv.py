@@ -14,6 +14,7 @@ import reference
 import tolerances
 from cases import (
     LAYOUTS,
+    Case,
     OPTION_CASES,
     assert_unchanged,
     forced_algorithms,
@@ -180,7 +181,8 @@ def test_thread_count_does_not_change_result(threads):
     options = dict(stride=(2, 1), padding=1, groups=2)
     expected = pyconvmpi.conv2d(x, w, **options, plan=pyconvmpi.Plan(threads=1))
 
-    for algorithm in ["auto", *forced_algorithms(OPTION_CASES["base"], "forward")]:
+    case = Case(x.shape, w.shape, options)
+    for algorithm in ["auto", *forced_algorithms(case, "forward")]:
         plan = pyconvmpi.Plan(threads=threads, algorithm=algorithm)
         out = pyconvmpi.conv2d(x, w, **options, plan=plan)
         np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13)

@@ -244,7 +244,10 @@ def test_lower_simd_levels_match_reference(level):
 
 
 def test_winograd_reported_unsupported():
-    desc = CASES[1].desc()
+    # Winograd computes forward and backward data of 3x3 stride-1 layers only.
+    assert _lib.algorithm_supported("winograd", "forward", CASES[1].desc())
+    assert not _lib.algorithm_supported("winograd", "backward_weight", CASES[1].desc())
+    desc = CASES[4].desc()  # stride 2
     assert not _lib.algorithm_supported("winograd", "forward", desc)
     exec_ = Plan(algorithm="winograd").exec_struct()
     with pytest.raises(pyconvmpi.UnsupportedError):

@@ -32,11 +32,14 @@ ALGORITHM_FACTOR = {
     "direct": 4.0,
     # Packed GEMM: the same products, summed in blocks of the reduction.
     "gemm": 4.0,
-    # Winograd F(2x2, 3x3) transforms input and weight tiles before the products. The tile
-    # sums amplify the rounding of the transformed values by up to about 10 per dimension.
-    # NOTE: 100 is an estimate, not a proven bound. Check it against measured errors once
-    # the kernel exists.
-    "winograd": 100.0,
+    # Winograd F(2x2, 3x3) transforms 4x4 input patches and the weights before the products
+    # and 4x4 products back (coefficients 0, +-1, 1/2), so each output also carries the rounding
+    # of values it does not depend on in exact arithmetic: its error follows the magnitudes of
+    # its whole tile, not only of its own 9 taps. Measured maxima (float64 reference, units of
+    # eps * sqrt(terms) * scale): 2.0 over tests/test_winograd.py with 5 seeds, 7.1 over the
+    # parity suites (random grid seed 151, an output much smaller than its tile neighbours).
+    # 20 leaves room for tiles with larger magnitude differences.
+    "winograd": 20.0,
 }
 # "auto" may dispatch to any algorithm, so it gets the loosest bound.
 ALGORITHM_FACTOR["auto"] = max(ALGORITHM_FACTOR.values())

@@ -4,6 +4,7 @@
 #include "pcm_internal.h"
 #include "conv/conv_depthwise.h"
 #include "conv/conv_fast.h"
+#include "conv/conv_winograd.h"
 
 typedef struct kernel_set {
     pcm_forward_fn forward[2];               /* indexed by pcm_dtype */
@@ -32,13 +33,20 @@ static const kernel_set gemm_kernels = {
     {pcm_gemm_backward_weight_f32, pcm_gemm_backward_weight_f64},
 };
 
-/* Limitation: Winograd is not built; pcm_algorithm_supported returns 0 for it and explicit
- * requests return PCM_ERR_UNSUPPORTED. */
+/* Winograd F(2x2, 3x3): forward and backward data of 3x3 stride-1 layers only
+ * (pcm_winograd_fits); it has no weight gradient. */
+static const kernel_set winograd_kernels = {
+    {pcm_winograd_forward_f32, pcm_winograd_forward_f64},
+    {pcm_winograd_backward_data_f32, pcm_winograd_backward_data_f64},
+    {pcm_winograd_backward_weight_f32, pcm_winograd_backward_weight_f64},
+};
+
 static const kernel_set *kernels_for(int64_t algorithm)
 {
     switch (algorithm) {
     case PCM_ALGO_DIRECT: return &direct_kernels;
     case PCM_ALGO_GEMM: return &gemm_kernels;
+    case PCM_ALGO_WINOGRAD: return &winograd_kernels;
     case PCM_ALGO_REFERENCE: return &reference_kernels;
     default: return NULL;
     }
@@ -50,6 +58,8 @@ int pcm_algorithm_supported(int64_t algorithm, int op, const pcm_conv_desc *desc
         return 0;
     if (algorithm == PCM_ALGO_AUTO)
         return 1;
+    if (algorithm == PCM_ALGO_WINOGRAD)
+        return pcm_winograd_fits(op, desc);
     return kernels_for(algorithm) != NULL;
 }
 
