@@ -31,8 +31,10 @@ static double fill(int64_t count, int64_t size)
     return (double)count / (double)(ceil_div(count, size) * size);
 }
 
-const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
-                                const pcm_exec *e)
+/* Choose a tile as pcm_choose_tile does. With tall_only, consider only tiles with kb >= xv and
+ * return NULL when none of them fits. */
+static const pcm_tile *choose_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
+                                   const pcm_exec *e, int tall_only)
 {
     int max_kb = 0, max_area = 0;
     const pcm_tile *best = NULL;
@@ -53,6 +55,8 @@ const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t c
         const int64_t width = (int64_t)tile->xv * set->vl;
         if (max_kb > 0 && tile->kb != max_kb)
             continue;
+        if (tall_only && tile->kb < tile->xv)
+            continue;
         if (e != NULL && e->block_w > 0 && width > e->block_w && tile->xv > 1)
             continue;
         /* Useful lanes, times how full the register file is, times a small preference for
@@ -65,6 +69,8 @@ const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t c
             best = tile;
         }
     }
+    if (best == NULL && tall_only)
+        return NULL;
     if (best == NULL) {
         /* block_w below every width of this block_k: take its narrowest tile. */
         for (int t = 0; t < set->ntiles; ++t)
@@ -72,6 +78,24 @@ const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t c
                 best = &set->tiles[t];
     }
     return best != NULL ? best : &set->tiles[0];
+}
+
+const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
+                                const pcm_exec *e)
+{
+    return choose_tile(set, rows, cols, e, 0);
+}
+
+/* Tile of a GEMM whose im2col rows are gathered (narrow output rows): the X panel of such a
+ * tile spans many small images and outgrows L1, so each tile step should load few X vectors
+ * and broadcast many weights. Tiles set through block_k or block_w are left as asked. */
+static const pcm_tile *choose_gather_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
+                                          const pcm_exec *e)
+{
+    const pcm_tile *tile = NULL;
+    if (e == NULL || (e->block_k <= 0 && e->block_w <= 0))
+        tile = choose_tile(set, rows, cols, e, 1);
+    return tile != NULL ? tile : pcm_choose_tile(set, rows, cols, e);
 }
 
 const pcm_dot_tile *pcm_choose_dot(const pcm_tile_set *set, int64_t rows, const pcm_exec *e)
