@@ -28,6 +28,17 @@ PCM_INTERNAL const pcm_dot_tile *pcm_choose_dot(const pcm_tile_set *set, int64_t
  * convolutions do not pay for waking threads. exec->threads is therefore an upper bound. */
 PCM_INTERNAL int pcm_work_threads(const pcm_conv_desc *d, const pcm_exec *e);
 
+/* Backward data of a stride-1 layer as a forward convolution, run by `forward`, of grad_output
+ * with the weights flipped in both spatial axes and transposed per group. */
+PCM_INTERNAL pcm_status pcm_backward_data_flipped_f32(const pcm_conv_desc *d, const pcm_exec *e,
+                                                      const float *grad_output,
+                                                      const float *weight, float *grad_input,
+                                                      pcm_forward_fn forward);
+PCM_INTERNAL pcm_status pcm_backward_data_flipped_f64(const pcm_conv_desc *d, const pcm_exec *e,
+                                                      const double *grad_output,
+                                                      const double *weight, double *grad_input,
+                                                      pcm_forward_fn forward);
+
 /* 64-byte aligned allocation of `bytes` (rounded up); free with free(). */
 PCM_INTERNAL void *pcm_alloc64(size_t bytes);
 
