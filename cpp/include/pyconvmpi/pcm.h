@@ -66,10 +66,10 @@ typedef enum pcm_algorithm {
 } pcm_algorithm;
 
 typedef enum pcm_placement {
-    PCM_PLACEMENT_REPLICATED = 0, /* every rank holds the full arrays */
-    PCM_PLACEMENT_ROOT = 1,       /* only rank 0 holds data */
-    PCM_PLACEMENT_BATCH = 2,      /* each rank holds a slice of the batch */
-    PCM_PLACEMENT_ROWS = 3        /* each rank holds a band of rows (pcm_row_band) */
+    PCM_PLACEMENT_REPLICATED = 0, /* every rank passes the full arrays */
+    PCM_PLACEMENT_ROOT = 1,       /* only rank 0 passes data */
+    PCM_PLACEMENT_BATCH = 2,      /* each rank passes a slice of the batch */
+    PCM_PLACEMENT_ROWS = 3        /* each rank passes a band of rows (pcm_row_band) */
 } pcm_placement;
 
 typedef enum pcm_strategy {

@@ -133,7 +133,7 @@ pcm_status pcm_mpi_begin(int comm_f, int placement, int strategy, int64_t grid_b
 
     records = malloc((size_t)ctx->size * sizeof own);
     ctx->batch_start = malloc(((size_t)ctx->size + 1) * sizeof(int64_t));
-    /* A rank that could not allocate the records tells the others through a fixed-size
+    /* A rank that could not allocate the records reports it to the others through a fixed-size
      * reduction first, so that no rank waits in an allgather that this rank cannot join. */
     int failed = records == NULL || ctx->batch_start == NULL, any_failed = 0;
     PCM_MPI_TRY(MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, ctx->comm));
