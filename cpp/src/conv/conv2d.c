@@ -4,6 +4,7 @@
 #include "pcm_internal.h"
 #include "conv/conv_depthwise.h"
 #include "conv/conv_fast.h"
+#include "conv/conv_fewchan.h"
 #include "conv/conv_winograd.h"
 
 typedef struct kernel_set {
@@ -18,13 +19,14 @@ static const kernel_set reference_kernels = {
     {pcm_ref_backward_weight_f32, pcm_ref_backward_weight_f64},
 };
 
-/* Register-tiled when the horizontal stride is 1, else the generic row kernel. Backward data
- * of stride-1 layers runs the forward kernel on flipped weights, and backward weight has a
- * plane kernel for depthwise 3x3 layers (the generic row kernel otherwise). */
+/* The few-channel kernels where they fit (conv_fewchan.h), else register-tiled when the
+ * horizontal stride is 1, else the generic row kernel. Backward data of stride-1 layers runs
+ * the forward kernel on flipped weights, and backward weight has a plane kernel for depthwise
+ * 3x3 layers (the generic row kernel otherwise). */
 static const kernel_set direct_kernels = {
-    {pcm_simd_direct_forward_f32, pcm_simd_direct_forward_f64},
-    {pcm_simd_direct_backward_data_f32, pcm_simd_direct_backward_data_f64},
-    {pcm_simd_direct_backward_weight_f32, pcm_simd_direct_backward_weight_f64},
+    {pcm_fewchan_forward_f32, pcm_fewchan_forward_f64},
+    {pcm_fewchan_backward_data_f32, pcm_fewchan_backward_data_f64},
+    {pcm_fewchan_backward_weight_f32, pcm_fewchan_backward_weight_f64},
 };
 
 static const kernel_set gemm_kernels = {
@@ -84,9 +86,12 @@ static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_des
                                                                       : PCM_ALGO_GEMM;
     default:
         /* Depthwise 3x3: the direct plane kernel sums in place, where im2col would copy
-         * every 14-wide row segment nine times. */
-        return (d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3 &&
-                d->stride_w == 1) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
+         * every 14-wide row segment nine times. Few channels: the few-channel kernel sums
+         * shifted input rows in place, where im2col would copy each input element r * s
+         * times. */
+        return ((d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3 &&
+                 d->stride_w == 1) || pcm_fewchan_weight_fits(d)) ? PCM_ALGO_DIRECT
+                                                                  : PCM_ALGO_GEMM;
     }
 }
 
