@@ -96,6 +96,7 @@ typedef struct fc_kernel_set {
 #define V_ADD(a, b) ((a) + (b))
 #define V_MASK(lo, hi) ((lo) <= 0 && (hi) > 0)
 #define V_REDUCE(v) ((double)(v))
+#define V_KEEP(v) ((void)0)
 #define FWD_TILES(X) X(1, 4, 4) X(1, 2, 8) X(2, 2, 4) X(2, 1, 8) X(3, 1, 4) X(4, 1, 4) \
     X(5, 1, 2) X(6, 1, 2) X(7, 1, 2) X(8, 1, 2)
 #define WGT_TILES(X) X(1, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3)
@@ -132,12 +133,14 @@ typedef struct fc_kernel_set {
 #undef V_ADD
 #undef V_MASK
 #undef V_REDUCE
+#undef V_KEEP
 #undef FWD_TILES
 #undef WGT_TILES
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HAVE_FC_X86 1
+#define V_KEEP(v) __asm__("" : "+v"(v))
 
 /* AVX2 + FMA: 16 vector registers, so tiles of at most 12 accumulators. vmaskmov loads do
  * not fault on masked-out lanes. */
@@ -249,7 +252,8 @@ ISA_TARGET static inline double fc_reduce_pd256(__m256d v)
 #define FWD_TILES(X) X(1, 8, 1) X(1, 8, 2) X(1, 8, 3) X(2, 8, 1) X(2, 6, 2) X(2, 4, 3) \
     X(3, 8, 1) X(3, 4, 2) X(3, 2, 3) X(4, 6, 1) X(4, 3, 2) X(4, 2, 3) X(5, 4, 1) X(5, 2, 2) \
     X(5, 1, 3) X(6, 4, 1) X(6, 2, 2) X(6, 1, 3) X(7, 3, 1) X(7, 1, 3) X(8, 3, 1) X(8, 1, 3)
-#define WGT_TILES(X) X(1, 9) X(2, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3) X(5, 3) X(6, 3) X(8, 3)
+#define WGT_TILES(X) X(1, 9) X(2, 9) X(3, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3) X(5, 3) X(6, 3) \
+    X(8, 3)
 
 ISA_TARGET static inline __mmask16 fc_mask16(int64_t lo, int64_t hi)
 {
@@ -325,6 +329,7 @@ ISA_TARGET static inline __mmask16 fc_mask16(int64_t lo, int64_t hi)
 #undef ISA_TARGET
 #undef FWD_TILES
 #undef WGT_TILES
+#undef V_KEEP
 #endif
 
 /* Kernels of the CPU's SIMD level (PYCONVMPI_SIMD may cap it) for a dtype. */
