@@ -427,7 +427,7 @@ static fc_stage stage_layout(const pcm_conv_desc *d, const fc_forward_tile *tile
 int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d)
 {
     const int64_t cg = d->c / d->groups, kg = d->k / d->groups;
-    if (d->stride_w != 1 || cg > FC_C_MAX || kg > FC_K_MAX || is_depthwise(d) ||
+    if (d->stride_w != 1 || cg > FC_C_MAX || kg > FC_K_MAX_FORWARD || is_depthwise(d) ||
         pcm_dw3x3_fits(d))
         return 0;
     const fc_kernel_set *set = kernels_for(dtype);
@@ -442,7 +442,7 @@ int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d)
 int pcm_fewchan_weight_fits(const pcm_conv_desc *d)
 {
     const int64_t cg = d->c / d->groups, kg = d->k / d->groups;
-    return d->stride_w == 1 && cg <= FC_C_MAX && kg <= FC_K_MAX && !is_depthwise(d);
+    return d->stride_w == 1 && cg <= FC_C_MAX && kg <= FC_K_MAX_WEIGHT && !is_depthwise(d);
 }
 
 /* The weight-gradient tile with the lowest estimated cost: per vector of output columns a tile
