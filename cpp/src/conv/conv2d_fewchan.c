@@ -3,8 +3,8 @@
  * and portable kernels chosen at run time.
  *
  * Forward: with so few channels a register tile cannot be filled with output channels alone,
- * so a tile holds KB output channels x RB output rows x XV vectors of output columns and
- * broadcasts each weight into KB * RB * XV multiply-adds. Input rows are first copied into a
+ * so a tile keeps KB output channels x RB output rows x XV vectors of output columns in
+ * registers and broadcasts each weight into KB * RB * XV multiply-adds. Input rows are first copied into a
  * per-thread buffer with zero padding and a row pitch that is not a multiple of 512 bytes.
  * The copy removes every mask from the tile's loads, and the pitch matters: on images whose
  * rows are a power of two bytes long (1024 float32 columns), the 3 x 10 input rows and 24
@@ -22,19 +22,19 @@
 #include "conv/conv_fast.h"
 #include "conv/conv_fewchan.h"
 
-/* Largest tile dimensions of any ISA; accumulator arrays are sized by these. */
+/* Largest tile dimensions of any ISA, which size the accumulator arrays. */
 #define FC_KB_MAX 8
 #define FC_RB_MAX 8
 #define FC_XV_MAX 8
 #define FC_TB_MAX 9
 
-/* Largest staging buffer per thread; wider images or taller kernels use the other kernels. */
+/* Largest staging buffer per thread. Wider images or taller kernels use the other kernels. */
 #define FC_STAGE_MAX_BYTES ((int64_t)8 << 20)
 
 /* Output tile of the forward kernel. The tile reads staged rows: row q of channel ci starts at
- * buf + ci * cs + q * ldb, and output row rr, kernel tap (i, j), vector v reads
- * buf[ci * cs + (rr * sh + i * dh) * ldb + j * dw + v * VL + lane]. wp holds the weights as
- * [c][r][s][KB] and bias KB values (both zero past kvalid). The tile stores kvalid channels
+ * buf + ci * cs + q * ldb. Output row rr, kernel tap (i, j) and vector v read
+ * buf[ci * cs + (rr * sh + i * dh) * ldb + j * dw + v * VL + lane]. wp contains the weights as
+ * [c][r][s][KB] and bias KB values, both zero past kvalid. The tile stores kvalid channels
  * (out_ks apart) x nrows rows (out_rs apart) x xvalid columns. */
 typedef struct fc_forward_args {
     const void *buf;
@@ -51,7 +51,8 @@ typedef struct fc_forward_args {
  *   acc[kb * acc_ks + t] += sum over (y, x) of go[kb][y][x] *
  *       in[y * stride_h - pad_top + tap_i[t] * dh][x - pad_left + tap_j[t] * dw]
  * for kb < kvalid and t < tvalid, with input elements outside the h x w image reading as zero.
- * go points at row y0 of the first channel, channels go_ks apart; zero_row holds w zeros. */
+ * go points at row y0 of the first channel, with channels go_ks apart. zero_row contains w
+ * zeros. */
 typedef struct fc_weight_args {
     const void *go;
     int64_t go_ks, out_w, y0, y1;
@@ -445,9 +446,9 @@ int pcm_fewchan_weight_fits(const pcm_conv_desc *d)
     return d->stride_w == 1 && cg <= FC_C_MAX && kg <= FC_K_MAX_WEIGHT && !is_depthwise(d);
 }
 
-/* The weight-gradient tile with the lowest estimated cost: per vector of output columns a tile
- * makes kb * tb multiply-adds and kb + tb loads, which this CPU family issues at about the
- * same rate, plus a fixed overhead. */
+/* The weight-gradient tile with the lowest estimated cost. Per vector of output columns a tile
+ * makes kb * tb multiply-adds and kb + tb loads. The estimate assumes that the CPU issues both
+ * at about the same rate (two per cycle on recent x86 cores) and adds a fixed overhead. */
 static const fc_weight_tile *choose_weight(const fc_kernel_set *set, int64_t kg, int64_t taps)
 {
     const fc_weight_tile *best = NULL;

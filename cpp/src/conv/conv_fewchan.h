@@ -19,10 +19,10 @@
 PCM_DECLARE_KERNELS(fewchan, f32)
 PCM_DECLARE_KERNELS(fewchan, f64)
 
-/* Whether the few-channel forward kernel computes this layer: horizontal stride 1, at most
- * FC_C_MAX input and FC_K_MAX_FORWARD output channels per group, not depthwise (one input and one
- * output channel per group, left to the depthwise and plane kernels), and a staging buffer of
- * bounded size. */
+/* Whether the few-channel forward kernel computes this layer. It needs horizontal stride 1, at
+ * most FC_C_MAX input and FC_K_MAX_FORWARD output channels per group, and a staging buffer of
+ * bounded size. Depthwise layers (one input and one output channel per group) are left to the
+ * depthwise and plane kernels. */
 PCM_INTERNAL int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d);
 
 /* Whether the few-channel weight-gradient kernel computes this layer: the same rules with
