@@ -81,7 +81,8 @@ typedef struct fc_kernel_set {
     const fc_forward_tile *forward;
     int nweight;
     const fc_weight_tile *weight;
-    void (*stage_row)(void *dst, const void *src, int64_t len, int64_t lo, int64_t hi);
+    void (*stage_rows)(void *dst, int64_t ldb, const void *src, int64_t src_ld, int64_t rows,
+                       int64_t row_lo, int64_t row_hi, int64_t len, int64_t lo, int64_t hi);
     double (*rows_sum)(const void *p, int64_t ld, int64_t rows, int64_t len);
 } fc_kernel_set;
 
@@ -360,9 +361,11 @@ static double fill(int64_t count, int64_t size)
     return (double)count / (double)(ceil_div(count, size) * size);
 }
 
+/* Depthwise: one input and one output channel per group, in more than one group. A single
+ * filter on a single-channel image (the seed set's grey layers) is not depthwise here. */
 static int is_depthwise(const pcm_conv_desc *d)
 {
-    return d->c == d->groups && d->k == d->groups;
+    return d->groups > 1 && d->c == d->groups && d->k == d->groups;
 }
 
 /* Output channels per tile: the kg channels of a group cut into equal blocks of at most
@@ -428,8 +431,7 @@ static fc_stage stage_layout(const pcm_conv_desc *d, const fc_forward_tile *tile
 int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d)
 {
     const int64_t cg = d->c / d->groups, kg = d->k / d->groups;
-    if (d->stride_w != 1 || cg > FC_C_MAX || kg > FC_K_MAX_FORWARD || is_depthwise(d) ||
-        pcm_dw3x3_fits(d))
+    if (d->stride_w != 1 || cg > FC_C_MAX || kg > FC_K_MAX_FORWARD || is_depthwise(d))
         return 0;
     const fc_kernel_set *set = kernels_for(dtype);
     const fc_forward_tile *tile = choose_forward(set, kg, d->out_h, d->out_w);
@@ -443,7 +445,11 @@ int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d)
 int pcm_fewchan_weight_fits(const pcm_conv_desc *d)
 {
     const int64_t cg = d->c / d->groups, kg = d->k / d->groups;
-    return d->stride_w == 1 && cg <= FC_C_MAX && kg <= FC_K_MAX_WEIGHT && !is_depthwise(d);
+    /* A single 3x3 filter keeps the plane kernel of conv2d_fast.c, which shares its column
+     * masks between the three kernel rows and measured faster on 32x32 images. */
+    const int single_3x3 = d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3;
+    return d->stride_w == 1 && cg <= FC_C_MAX && kg <= FC_K_MAX_WEIGHT && !is_depthwise(d) &&
+           !single_3x3;
 }
 
 /* The weight-gradient tile with the lowest estimated cost. Per vector of output columns a tile
