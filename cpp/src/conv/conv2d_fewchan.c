@@ -27,6 +27,8 @@
 #define FC_RB_MAX 8
 #define FC_XV_MAX 8
 #define FC_TB_MAX 9
+/* Edge chunks per side whose weight-gradient masks are computed once per tile call. */
+#define FC_EDGE_MAX 4
 
 /* Largest staging buffer per thread. Wider images or taller kernels use the other kernels. */
 #define FC_STAGE_MAX_BYTES ((int64_t)8 << 20)
