@@ -474,6 +474,15 @@ static const fc_weight_tile *choose_weight(const fc_kernel_set *set, int64_t kg,
     return best;
 }
 
+/* When a forward task is a whole image, it prefetches the input of the task this many tasks
+ * ahead if that input is at most FC_PREFETCH_MAX_BYTES. Small images fill one or a few 4 KiB
+ * pages each, and hardware prefetchers stop at page boundaries, so every image of a batch that
+ * is not in the caches started with misses at memory latency: 500 single-channel 32x32 images
+ * took 0.24 ms with the input evicted and 0.18 ms with this prefetch, against 0.15 ms with the
+ * input in the caches. */
+#define FC_PREFETCH_TASKS 2
+#define FC_PREFETCH_MAX_BYTES ((int64_t)16 << 10)
+
 /* Output pixels per weight-gradient band: the band's rows stay in L2 and each lane sums at
  * most 8192 / VL products in the working precision before the float64 accumulator. */
 #define FC_BAND_PIXELS 8192
