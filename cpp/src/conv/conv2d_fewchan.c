@@ -81,6 +81,8 @@ typedef struct fc_kernel_set {
     int vl;
     int nforward;
     const fc_forward_tile *forward;
+    int nforward3x3;
+    const fc_forward_tile *forward3x3;
     int nweight;
     const fc_weight_tile *weight;
     void (*stage_rows)(void *dst, int64_t ldb, const void *src, int64_t src_ld, int64_t rows,
@@ -103,6 +105,7 @@ typedef struct fc_kernel_set {
 #define V_KEEP(v) ((void)0)
 #define FWD_TILES(X) X(1, 4, 4) X(1, 2, 8) X(2, 2, 4) X(2, 1, 8) X(3, 1, 4) X(4, 1, 4) \
     X(5, 1, 2) X(6, 1, 2) X(7, 1, 2) X(8, 1, 2)
+#define FWD3X3_TILES(X) X(1, 1, 4)
 #define WGT_TILES(X) X(1, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3)
 #define T float
 #define SFX f32_scalar
@@ -139,6 +142,7 @@ typedef struct fc_kernel_set {
 #undef V_REDUCE
 #undef V_KEEP
 #undef FWD_TILES
+#undef FWD3X3_TILES
 #undef WGT_TILES
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -152,6 +156,7 @@ typedef struct fc_kernel_set {
 #define FWD_TILES(X) X(1, 8, 1) X(1, 6, 2) X(1, 4, 3) X(2, 6, 1) X(2, 3, 2) X(2, 2, 3) \
     X(3, 4, 1) X(3, 2, 2) X(3, 1, 3) X(4, 3, 1) X(4, 1, 2) X(4, 1, 3) X(5, 2, 1) X(5, 1, 2) \
     X(6, 2, 1) X(6, 1, 2) X(7, 1, 1) X(8, 1, 1)
+#define FWD3X3_TILES(X) X(1, 4, 1) X(1, 2, 2)
 #define WGT_TILES(X) X(1, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3)
 
 ISA_TARGET static inline __m256i fc_mask_epi32(int64_t lo, int64_t hi)
@@ -249,6 +254,7 @@ ISA_TARGET static inline double fc_reduce_pd256(__m256d v)
 #undef MASK
 #undef ISA_TARGET
 #undef FWD_TILES
+#undef FWD3X3_TILES
 #undef WGT_TILES
 
 /* AVX-512: 32 vector registers, tiles of up to 24 accumulators. */
@@ -256,6 +262,7 @@ ISA_TARGET static inline double fc_reduce_pd256(__m256d v)
 #define FWD_TILES(X) X(1, 8, 1) X(1, 8, 2) X(1, 8, 3) X(2, 8, 1) X(2, 6, 2) X(2, 4, 3) \
     X(3, 8, 1) X(3, 4, 2) X(3, 2, 3) X(4, 6, 1) X(4, 3, 2) X(4, 2, 3) X(5, 4, 1) X(5, 2, 2) \
     X(5, 1, 3) X(6, 4, 1) X(6, 2, 2) X(6, 1, 3) X(7, 3, 1) X(7, 1, 3) X(8, 3, 1) X(8, 1, 3)
+#define FWD3X3_TILES(X) X(1, 8, 1) X(1, 8, 2) X(1, 4, 3)
 #define WGT_TILES(X) X(1, 9) X(2, 9) X(3, 9) X(1, 3) X(2, 3) X(3, 3) X(4, 3) X(5, 3) X(6, 3) \
     X(8, 3)
 
@@ -332,6 +339,7 @@ ISA_TARGET static inline __mmask16 fc_mask16(int64_t lo, int64_t hi)
 #undef V_MASK
 #undef ISA_TARGET
 #undef FWD_TILES
+#undef FWD3X3_TILES
 #undef WGT_TILES
 #undef V_KEEP
 #endif
@@ -378,15 +386,20 @@ static int64_t forward_kb(int64_t kg)
 }
 
 /* The forward tile with forward_kb(kg) channels that wastes the fewest lanes on the image's
- * rows and columns, with a mild preference for more accumulators. */
-static const fc_forward_tile *choose_forward(const fc_kernel_set *set, int64_t kg, int64_t out_h,
-                                             int64_t out_w)
+ * rows and columns, with a mild preference for more accumulators. Layers with one output
+ * channel per group and a plain 3x3 kernel take a tile of the 3x3 kernel. */
+static const fc_forward_tile *choose_forward(const fc_kernel_set *set, const pcm_conv_desc *d)
 {
+    const int64_t kg = d->k / d->groups, out_h = d->out_h, out_w = d->out_w;
     const int64_t kb = forward_kb(kg);
+    const int plain3x3 = kg == 1 && d->r == 3 && d->s == 3 && d->stride_h == 1 &&
+                         d->dilation_h == 1 && d->dilation_w == 1;
+    const int ntiles = plain3x3 ? set->nforward3x3 : set->nforward;
+    const fc_forward_tile *tiles = plain3x3 ? set->forward3x3 : set->forward;
     const fc_forward_tile *best = NULL;
     double best_score = -1.0;
-    for (int t = 0; t < set->nforward; ++t) {
-        const fc_forward_tile *tile = &set->forward[t];
+    for (int t = 0; t < ntiles; ++t) {
+        const fc_forward_tile *tile = &tiles[t];
         const double acc = (double)(tile->kb * tile->rb * tile->xv);
         if (tile->kb != kb)
             continue;
@@ -436,7 +449,7 @@ int pcm_fewchan_forward_fits(int dtype, const pcm_conv_desc *d)
     if (d->stride_w != 1 || cg > FC_C_MAX || kg > FC_K_MAX_FORWARD || is_depthwise(d))
         return 0;
     const fc_kernel_set *set = kernels_for(dtype);
-    const fc_forward_tile *tile = choose_forward(set, kg, d->out_h, d->out_w);
+    const fc_forward_tile *tile = choose_forward(set, d);
     const size_t elem = dtype == PCM_FLOAT64 ? sizeof(double) : sizeof(float);
     if (tile == NULL)
         return 0;
