@@ -1,15 +1,13 @@
-/* Few-channel convolution (1-4 input and up to 16 output channels per group, horizontal
- * stride 1): image filters and first layers, for float32 and float64, with AVX-512, AVX2 + FMA
- * and portable kernels chosen at run time.
+/* Few-channel convolution (1-4 input channels per group, horizontal stride 1; forward up to 8
+ * and weight gradients up to 16 output channels per group): image filters and first layers,
+ * for float32 and float64, with AVX-512, AVX2 + FMA and portable kernels chosen at run time.
  *
  * Forward: with so few channels, output channels alone cannot fill a register tile. A tile
  * therefore keeps KB output channels x RB output rows x XV vectors of output columns in
- * registers and broadcasts each weight into KB * RB * XV multiply-adds. Input rows are first copied into a
- * per-thread buffer with zero padding and a row pitch that is not a multiple of 512 bytes.
- * The copy removes every mask from the tile's loads, and the pitch matters: on images whose
- * rows are a power of two bytes long (1024 float32 columns), the 3 x 10 input rows and 24
- * output rows of a tile all map to one L1 set, and the in-place direct kernel ran at about
- * 20 GFLOP/s there against 120 on a 128 x 128 image.
+ * registers and broadcasts each weight into KB * RB * XV multiply-adds. Input rows are first
+ * copied into a per-thread buffer with zero padding, which removes every mask from the tile's
+ * loads. The buffer's row pitch is kept off multiples of 512 bytes, so that the rows a tile
+ * reads do not all map to the same few L1 sets, as the rows of a 1024-float image would.
  *
  * Weight gradient: a tile sums KB output-gradient rows times TB shifted input rows (taps) of
  * one input channel over a band of output rows in vector registers, then adds the lane sums
@@ -18,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "conv/conv_depthwise.h"
 #include "conv/conv_fast.h"
 #include "conv/conv_fewchan.h"
 
