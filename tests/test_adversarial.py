@@ -352,3 +352,67 @@ def test_profile_entry_dividing_by_zero_is_skipped(profile_path, caplog, field, 
     assert pcm.conv2d(x, w, padding=1).shape == (1, 3, 8, 8)
     assert pcm.plan(x.shape, w.shape, padding=1).source == "heuristic"
     assert "ZeroDivisionError" in caplog.text
+
+
+# --- The PyTorch layer ------------------------------------------------------------------------
+
+
+def _memory_formats():
+    torch = pytest.importorskip("torch")
+    return {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("weight_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("input_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_torch_output_memory_format_matches_torch(input_format, weight_format, dtype_name):
+    """The output was always contiguous, while torch.nn.functional.conv2d returns channels_last
+    when the input or the weight is, so a channels_last model lost its format at each layer."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    formats = _memory_formats()
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 7, 6, dtype=dtype, generator=generator)
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, generator=generator)
+    x = x.contiguous(memory_format=formats[input_format])
+    w = w.contiguous(memory_format=formats[weight_format])
+    expected = torch.nn.functional.conv2d(x, w, padding=1)
+    got = pt.conv2d(x, w, padding=1)
+    for name, memory_format in formats.items():
+        assert got.is_contiguous(memory_format=memory_format) == expected.is_contiguous(
+            memory_format=memory_format), f"output {name}: got strides {got.stride()}"
+    torch.testing.assert_close(got, expected)
+
+
+def test_torch_channels_last_model_step_matches_torch():
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    torch.manual_seed(3)
+    ours = pt.Conv2d(3, 5, 3, padding=1, padding_mode="reflect").double()
+    theirs = torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect").double()
+    theirs.load_state_dict(ours.state_dict())
+    ours = ours.to(memory_format=torch.channels_last)
+    theirs = theirs.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    got, expected = ours(x), theirs(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    assert ours.weight.grad.stride() == theirs.weight.grad.stride()
+
+
+def test_torch_ambiguous_strides_stay_contiguous():
+    """One channel and a 1 x 1 kernel match both formats; PyTorch calls that contiguous."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    w = torch.randn(1, 1, 1, 1, dtype=torch.float64)
+    got = pt.conv2d(x, w)
+    assert got.stride() == torch.nn.functional.conv2d(x, w).stride()

@@ -141,3 +141,28 @@ def test_plan_ranks_disagree_on_shape(comm):
     with pytest.raises(ValueError, match=r"plan: ranks disagree on input_shape: rank 1 has "
                                          r"\(3, 3, 8, 8\) but rank 0 has \(2, 3, 8, 8\)"):
         pcm.plan(shape, (4, 3, 3, 3), comm=comm)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_torch_layer_padding_error_reaches_all(comm, padding_mode):
+    """Conv2d padded the input with F.pad before the agreement. A rank whose input F.pad
+    rejected (a 1-row image to reflect by 2) raised alone, and the others waited forever."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    from pyconvmpi.errors import RemoteRankError
+
+    size, last = comm.Get_size(), comm.Get_size() - 1
+    layer = pt.Conv2d(2, 3, 3, padding=2, padding_mode=padding_mode, comm=comm,
+                      placement="batch").double()
+    x = torch.ones(2, 2, 6, 6, dtype=torch.float64)
+    if comm.Get_rank() == last:
+        # Reflect padding of 2 needs 3 rows, circular padding of 2 needs 2 columns.
+        x = x[:, :, :1] if padding_mode == "reflect" else x[:, :, :, :1]
+    expected = RuntimeError if comm.Get_rank() == last else RemoteRankError
+    with pytest.raises(expected):
+        layer(x)
+    good = torch.ones(1, 2, 6, 6, dtype=torch.float64)
+    assert layer(good).shape == (1, 3, 8, 8)
+    if size > 1:
+        assert comm.allreduce(1) == size
