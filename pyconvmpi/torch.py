@@ -119,7 +119,9 @@ def _strides_like_channels_last(tensor):
 
 
 def _numpy(tensor):
-    return None if tensor is None else tensor.detach().numpy()
+    # numpy() refuses tensors with the lazy negation or conjugation bit set (from
+    # torch._neg_view, for example); resolving them copies only such tensors.
+    return None if tensor is None else tensor.detach().resolve_neg().resolve_conj().numpy()
 
 
 def _from_numpy(array):

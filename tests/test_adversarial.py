@@ -416,3 +416,22 @@ def test_torch_ambiguous_strides_stay_contiguous():
     w = torch.randn(1, 1, 1, 1, dtype=torch.float64)
     got = pt.conv2d(x, w)
     assert got.stride() == torch.nn.functional.conv2d(x, w).stride()
+
+
+def test_torch_negative_view_matches_torch():
+    """A tensor with the lazy negation bit made the layer raise RuntimeError from numpy(),
+    while torch.nn.functional.conv2d and pyconvmpi.conv2d accept it."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=generator)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=generator)
+    negated = torch._neg_view(x).requires_grad_()
+    assert negated.is_neg()
+    got = pt.conv2d(negated, torch._neg_view(w))
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(-x, -w))
+    got.sum().backward()
+    leaf = (-x).requires_grad_()
+    torch.nn.functional.conv2d(leaf, -w).sum().backward()
+    torch.testing.assert_close(negated.grad, leaf.grad)
