@@ -435,3 +435,48 @@ def test_torch_negative_view_matches_torch():
     leaf = (-x).requires_grad_()
     torch.nn.functional.conv2d(leaf, -w).sum().backward()
     torch.testing.assert_close(negated.grad, leaf.grad)
+
+
+# --- python -m pyconvmpi.bench --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--shape", "1x1x4x4:1x9x9"], ["--shape 1x1x4x4:1x9x9", "must fit"]),
+        (["--shape", "1x4x8x8:6x3x3:g4"], ["multiple of groups=4", "got 6"]),
+        (["--shape", "1x4x8x8:4x3x3:s2:psame"], ["padding='same' requires stride 1"]),
+        (["--json", "/nonexistent-pyconvmpi-dir/x.json"], ["--json", "not found"]),
+    ],
+    ids=["kernel-too-large", "groups", "same-stride", "json-directory"],
+)
+def test_bench_bad_arguments_exit_before_running(argv, words, capsys):
+    """These raised a traceback after the peak measurement, or after the whole run for
+    --json, instead of a usage error."""
+    from pyconvmpi.bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    for word in words:
+        assert word in message, message
+
+
+def test_bench_table_aligns_missing_torch_columns():
+    """A missing PyTorch time padded each '-' to 93, 82 and 81 characters."""
+    from pyconvmpi.bench import report
+
+    row = {"layer": "l", "shape": "1x1x8x8:1x3x3", "algorithm": "direct", "seconds": 1e-3,
+           "gflops": 1.0, "percent_peak": 1.0, "torch_seconds": None, "speedup": None,
+           "max_error": None}
+    header, _, line = report.table([row])
+    assert len(line) == len(header), (header, line)
+    assert line.endswith("        -        -        -")
+
+
+def test_bench_shape_text_shows_dilation():
+    from pyconvmpi import layers
+    from pyconvmpi.bench.__main__ import shape_text
+
+    assert shape_text(layers.parse_shape("1x2x9x9:3x3x3:p2:d2")) == "1x2x9x9:3x3x3:p2:d2"
