@@ -154,10 +154,11 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, options):
-        # PyTorch returns a channels_last output when the batched input or the weight is
-        # channels_last, and later layers keep that format, so the output gets it too.
-        channels_last = input.dim() == 4 and (
-            _strides_like_channels_last(input) or _strides_like_channels_last(weight))
+        # PyTorch returns a channels_last output when the input (with a batch dimension added
+        # if it has none) or the weight is channels_last, and later layers keep that format.
+        batched = input.dim() == 4
+        channels_last = _strides_like_channels_last(
+            input if batched else input.unsqueeze(0)) or _strides_like_channels_last(weight)
         # A strided view is copied once here and backward uses the copy, so the backward
         # pass does not copy it again.
         input = input.contiguous()
@@ -169,8 +170,10 @@ class _Conv2dFunction(torch.autograd.Function):
         ctx.options = options
         ctx.has_bias = bias is not None
         output = torch.from_numpy(output)
-        if channels_last:
+        if channels_last and batched:
             output = output.contiguous(memory_format=torch.channels_last)
+        elif channels_last:
+            output = output.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
         return output
 
     @staticmethod
@@ -249,8 +252,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     -------
     torch.Tensor or None
         The output; None on ranks other than 0 with ``placement="root"``. As in PyTorch, it
-        is channels_last when the batched input or the weight is, and then a copy of the
-        library's result; otherwise it shares memory with that result.
+        is channels_last when the input or the weight is, and then a copy of the library's
+        result; otherwise it shares memory with that result.
 
     Raises
     ------

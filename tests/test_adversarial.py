@@ -407,6 +407,23 @@ def test_torch_channels_last_model_step_matches_torch():
     assert ours.weight.grad.stride() == theirs.weight.grad.stride()
 
 
+@pytest.mark.parametrize("input_format", ["contiguous", "channels_last"])
+def test_torch_unbatched_output_strides_match_torch(input_format):
+    """PyTorch adds a batch dimension to an unbatched input and removes it from the output,
+    which keeps channels_last strides in a 3-D output."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    formats = _memory_formats()
+    x = torch.randn(1, 3, 6, 6).contiguous(memory_format=formats[input_format])[0]
+    for weight_format in formats.values():
+        w = torch.randn(4, 3, 3, 3).contiguous(memory_format=weight_format)
+        expected = torch.nn.functional.conv2d(x, w)
+        got = pt.conv2d(x, w)
+        assert got.stride() == expected.stride(), (input_format, weight_format)
+        torch.testing.assert_close(got, expected)
+
+
 def test_torch_ambiguous_strides_stay_contiguous():
     """One channel and a 1 x 1 kernel match both formats; PyTorch calls that contiguous."""
     torch = pytest.importorskip("torch")
