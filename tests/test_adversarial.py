@@ -497,3 +497,19 @@ def test_bench_shape_text_shows_dilation():
     from pyconvmpi.bench.__main__ import shape_text
 
     assert shape_text(layers.parse_shape("1x2x9x9:3x3x3:p2:d2")) == "1x2x9x9:3x3x3:p2:d2"
+
+
+def test_numpy_api_accepts_tensor_subclass():
+    """A torch.Tensor subclass defined outside torch was rejected as 'must be a numpy.ndarray',
+    although F.conv2d and the README accept any CPU tensor."""
+    torch = pytest.importorskip("torch")
+
+    class Tagged(torch.Tensor):
+        pass
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=generator)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=generator)
+    got = pcm.conv2d(x.as_subclass(Tagged), w.as_subclass(Tagged), padding=1)
+    np.testing.assert_allclose(got, torch.nn.functional.conv2d(x, w, padding=1).numpy(),
+                               rtol=1e-12, atol=1e-12)
