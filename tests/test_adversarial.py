@@ -513,3 +513,37 @@ def test_numpy_api_accepts_tensor_subclass():
     got = pcm.conv2d(x.as_subclass(Tagged), w.as_subclass(Tagged), padding=1)
     np.testing.assert_allclose(got, torch.nn.functional.conv2d(x, w, padding=1).numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "rows,ranks,exc,words",
+    [
+        (9, 0, ValueError, ["ranks", "positive", "0"]),
+        (9, -1, ValueError, ["ranks", "positive", "-1"]),
+        (-1, 2, ValueError, ["rows", "-1"]),
+        (9.0, 2, TypeError, ["rows", "integer", "9.0"]),
+        (None, 2, TypeError, ["rows", "integer", "None"]),
+        (True, 2, TypeError, ["rows", "integer", "True"]),
+        (9, True, TypeError, ["ranks", "integer", "True"]),
+    ],
+    ids=["zero-ranks", "negative-ranks", "negative-rows", "float", "none", "bool-rows",
+         "bool-ranks"],
+)
+def test_row_bands_rejects_bad_arguments(rows, ranks, exc, words):
+    """row_bands returned [] for 0 or negative ranks, raised ctypes.ArgumentError for a float
+    or None, and InvalidArgumentError without the argument's name for negative rows."""
+    from pyconvmpi.distributed import row_bands
+
+    with pytest.raises(exc) as info:
+        row_bands(rows, ranks)
+    message = str(info.value)
+    assert message.startswith("row_bands: "), message
+    for word in words:
+        assert word in message, message
+
+
+def test_row_bands_accepts_numpy_integers():
+    from pyconvmpi.distributed import row_bands
+
+    assert row_bands(np.int64(9), np.int32(2)) == [(0, 5), (5, 9)]
+    assert row_bands(0, 3) == [(0, 0)] * 3
