@@ -238,22 +238,26 @@ def test_nonfinite_input_reaches_same_outputs(case, value):
 
 @pytest.mark.xfail(strict=True, reason="C kernels: backward data multiplies a weight tap by the "
                    "zero padding of grad_output, so 0 * NaN poisons unreached grad_input elements")
+@pytest.mark.parametrize("options", [dict(padding=1), dict(dilation=2)], ids=["padding", "dilation"])
 @pytest.mark.parametrize("algorithm", ["auto", "direct", "gemm"])
-def test_nan_weight_grad_input_matches_torch(algorithm):
+def test_nan_weight_grad_input_matches_torch(algorithm, options):
     """grad_input[i] sums go[o] * w[t] only over pairs with o * stride + t * dilation - pad = i.
 
-    With w[0, 0, 0, 0] NaN, padding 1 and a 3x3 input, no output reads the last row or column
-    through tap (0, 0), so PyTorch and the reference leave them finite. Every kernel but
-    'reference' made the first two rows NaN, or the whole gradient.
+    With w[0, 0, 0, 0] NaN, PyTorch and the reference make NaN only the input elements that
+    some output reads through tap (0, 0): the top-left 2 x 2 of a 3 x 3 input with padding 1,
+    element (0, 0) of a 5 x 5 input with dilation 2. Every kernel but 'reference' made NaN
+    whole rows or the whole gradient.
     """
-    x = np.ones((1, 1, 3, 3), np.float32)
+    size = 3 if "padding" in options else 5
+    x = np.ones((1, 1, size, size), np.float32)
     w = np.ones((1, 1, 3, 3), np.float32)
     w[0, 0, 0, 0] = np.nan
-    go = np.ones((1, 1, 3, 3), np.float32)
-    got = pcm.conv2d_backward(go, x, w, padding=1, need=("input",),
-                              plan=pcm.Plan(algorithm=algorithm)).input
-    expected = np.array([[np.nan, np.nan, 4.0], [np.nan, np.nan, 6.0], [4.0, 6.0, 4.0]])
-    np.testing.assert_array_equal(got[0, 0], expected.astype(np.float32))
+    go = np.ones(pcm.conv2d(x, np.ones_like(w), **options).shape, np.float32)
+    got = pcm.conv2d_backward(go, x, w, need=("input",), plan=pcm.Plan(algorithm=algorithm),
+                              **options).input
+    expected = reference.backward_input(go, x.shape, w, **options)
+    assert np.isnan(expected).sum() == (4 if size == 3 else 1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
 
 
 @pytest.mark.xfail(strict=True, reason="C kernel 'direct' backward weight skips taps that read "
