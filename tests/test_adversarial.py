@@ -244,9 +244,9 @@ def test_nan_weight_grad_input_matches_torch(algorithm, options):
     """grad_input[i] sums go[o] * w[t] only over pairs with o * stride + t * dilation - pad = i.
 
     With w[0, 0, 0, 0] NaN, PyTorch and the reference make NaN only the input elements that
-    some output reads through tap (0, 0): the top-left 2 x 2 of a 3 x 3 input with padding 1,
-    element (0, 0) of a 5 x 5 input with dilation 2. Every kernel but 'reference' made NaN
-    whole rows or the whole gradient.
+    some output reads through tap (0, 0). These are the top-left 2 x 2 of a 3 x 3 input with
+    padding 1, and element (0, 0) of a 5 x 5 input with dilation 2. Every kernel but
+    'reference' made NaN whole rows or the whole gradient.
     """
     size = 3 if "padding" in options else 5
     x = np.ones((1, 1, size, size), np.float32)

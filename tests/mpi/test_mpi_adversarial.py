@@ -168,9 +168,9 @@ def test_torch_layer_padding_error_reaches_all(comm, padding_mode):
         assert comm.allreduce(1) == size
 
 
-# Geometries at the edges of the decompositions: strides past the kernel (halos of zero
-# rows), images of one row or column (most row bands empty), padding past the kernel (bands
-# made only of padding) and kernels as large as or larger than the image.
+# Geometries at the edges of the decompositions. Strides past the kernel skip rows between
+# bands, and images of one row or column leave most row bands empty. Padding past the kernel
+# gives bands made only of padding, and kernels reach the size of the padded image.
 EDGE_CASES = [
     ("stride_past_kernel", (1, 2, 9, 9), (2, 2, 3, 3), dict(stride=4)),
     ("pointwise_stride3", (1, 2, 9, 9), (2, 2, 1, 1), dict(stride=3)),
@@ -206,14 +206,17 @@ def test_edge_geometry_matches_single_process(comm, case, placement, strategy):
         start, stop = row_bands(input_shape[2], size)[rank]
         out_start, out_stop = row_bands(y.shape[2], size)[rank]
         in_rows, out_rows = np.s_[:, :, start:stop], np.s_[:, :, out_start:out_stop]
+
     reads = placement != "root" or rank == 0
     arrays = [a if reads else None for a in (x[in_rows], w, b, go[out_rows])]
     kwargs = dict(options, comm=comm, placement=placement, strategy=strategy)
     got = pcm.conv2d(*arrays[:3], **kwargs)
     got_grads = pcm.conv2d_backward(arrays[3], *arrays[:2], **kwargs)
     if not reads:
-        assert got is None and got_grads == (None, None, None)
+        assert got is None
+        assert got_grads == (None, None, None)
         return
+
     np.testing.assert_allclose(got, y[out_rows], rtol=1e-12, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(got_grads.input, grads.input[in_rows], rtol=1e-12, atol=1e-12,
                                err_msg=name)
