@@ -16,6 +16,10 @@
  * three output rows each and whose vectors are rarely cut by a row end. */
 #define DW_FLAT_MAX_W 64
 
+/* Vectors of outputs a weight-gradient lane sums in the working precision before its sum
+ * moves to float64. */
+#define DW_FLUSH_OUTPUTS 512
+
 /* Flat layout of one call (stride 1, output rows as wide as input rows): the plane is nvec
  * vectors of output elements; masks[v * 9 + t] enables the lanes of vector v whose tap t lies
  * in the image (and whose output lies in the plane), for taps t = 3 * i + j; off[t] is the
@@ -26,6 +30,7 @@ typedef struct dw_flat {
     uint16_t *masks;
     int64_t off[9];
     int64_t nvec, mid0, mid1;
+    int64_t dilation_w;
     uint16_t tail;
 } dw_flat;
 
@@ -75,6 +80,8 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #define V_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define V_ADD(a, b) _mm512_add_ps((a), (b))
 #define V_MUL(a, b) _mm512_mul_ps((a), (b))
+#define V_ALIGNR(hi, lo, n)                                                                    \
+    _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), (n)))
 #define V_MASK_ADD(src, m, a, b) _mm512_mask_add_ps((src), (m), (a), (b))
 #define V_MASK_FMA(a, b, c, m) _mm512_mask3_fmadd_ps((a), (b), (c), (m))
 #define V_MASKZ(m, v) _mm512_maskz_mov_ps((m), (v))
@@ -103,6 +110,7 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #undef V_FMA
 #undef V_ADD
 #undef V_MUL
+#undef V_ALIGNR
 #undef V_MASK_ADD
 #undef V_MASK_FMA
 #undef V_MASKZ
@@ -129,6 +137,8 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #define V_FMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define V_ADD(a, b) _mm512_add_pd((a), (b))
 #define V_MUL(a, b) _mm512_mul_pd((a), (b))
+#define V_ALIGNR(hi, lo, n)                                                                    \
+    _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(hi), _mm512_castpd_si512(lo), (n)))
 #define V_MASK_ADD(src, m, a, b) _mm512_mask_add_pd((src), (m), (a), (b))
 #define V_MASK_FMA(a, b, c, m) _mm512_mask3_fmadd_pd((a), (b), (c), (m))
 #define V_MASKZ(m, v) _mm512_maskz_mov_pd((m), (v))
@@ -157,6 +167,7 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #undef V_FMA
 #undef V_ADD
 #undef V_MUL
+#undef V_ALIGNR
 #undef V_MASK_ADD
 #undef V_MASK_FMA
 #undef V_MASKZ
@@ -213,6 +224,7 @@ static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f)
 {
     const int64_t w = d->w, plane = d->out_h * d->out_w;
     f->nvec = (plane + vl - 1) / vl;
+    f->dilation_w = d->dilation_w;
     f->masks = malloc((size_t)pcm_max64(f->nvec * 9, 1) * sizeof(uint16_t));
     if (f->masks == NULL)
         return 0;
