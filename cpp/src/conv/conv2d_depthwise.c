@@ -12,13 +12,17 @@
 /* Output rows computed together, one accumulator each. */
 #define DW_ROWS 8
 
-/* Widest input row the flat kernels take; wider rows run the row kernel, whose loads serve
- * three output rows each and whose vectors are rarely cut by a row end. */
+/* Widest input row the flat forward takes; wider rows run the row kernel, whose loads serve
+ * three output rows each and whose vectors are rarely cut by a row end. The flat weight
+ * gradient takes every width. */
 #define DW_FLAT_MAX_W 64
 
 /* Vectors of outputs a weight-gradient lane sums in the working precision before its sum
  * moves to float64. */
 #define DW_FLUSH_OUTPUTS 512
+
+/* Channels of one weight-gradient task. */
+#define DW_CHANNEL_BLOCK 32
 
 /* Flat layout of one call (stride 1, output rows as wide as input rows): the plane is nvec
  * vectors of output elements; masks[v * 9 + t] enables the lanes of vector v whose tap t lies
@@ -34,7 +38,7 @@ typedef struct dw_flat {
     uint16_t tail;
 } dw_flat;
 
-static int flat_fits(const pcm_conv_desc *d);
+static int flat_fits(const pcm_conv_desc *d, int64_t max_w);
 static int stride2_fits(const pcm_conv_desc *d);
 static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f);
 
@@ -80,6 +84,9 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #define V_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define V_ADD(a, b) _mm512_add_ps((a), (b))
 #define V_MUL(a, b) _mm512_mul_ps((a), (b))
+#define V_MASKZ_ALIGNR(m, hi, lo, n)                                                           \
+    _mm512_castsi512_ps(                                                                       \
+        _mm512_maskz_alignr_epi32((m), _mm512_castps_si512(hi), _mm512_castps_si512(lo), (n)))
 #define V_ALIGNR(hi, lo, n)                                                                    \
     _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), (n)))
 #define V_MASK_ADD(src, m, a, b) _mm512_mask_add_ps((src), (m), (a), (b))
@@ -111,6 +118,7 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #undef V_ADD
 #undef V_MUL
 #undef V_ALIGNR
+#undef V_MASKZ_ALIGNR
 #undef V_MASK_ADD
 #undef V_MASK_FMA
 #undef V_MASKZ
@@ -137,6 +145,9 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #define V_FMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define V_ADD(a, b) _mm512_add_pd((a), (b))
 #define V_MUL(a, b) _mm512_mul_pd((a), (b))
+#define V_MASKZ_ALIGNR(m, hi, lo, n)                                                           \
+    _mm512_castsi512_pd(                                                                       \
+        _mm512_maskz_alignr_epi64((m), _mm512_castpd_si512(hi), _mm512_castpd_si512(lo), (n)))
 #define V_ALIGNR(hi, lo, n)                                                                    \
     _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(hi), _mm512_castpd_si512(lo), (n)))
 #define V_MASK_ADD(src, m, a, b) _mm512_mask_add_pd((src), (m), (a), (b))
@@ -168,6 +179,7 @@ ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 #undef V_ADD
 #undef V_MUL
 #undef V_ALIGNR
+#undef V_MASKZ_ALIGNR
 #undef V_MASK_ADD
 #undef V_MASK_FMA
 #undef V_MASKZ
@@ -192,10 +204,11 @@ static int depthwise_3x3(const pcm_conv_desc *d)
 #endif
 }
 
-static int flat_fits(const pcm_conv_desc *d)
+/* Flat layout (see dw_flat) with input rows at most max_w wide. */
+static int flat_fits(const pcm_conv_desc *d, int64_t max_w)
 {
     return depthwise_3x3(d) && d->stride_h == 1 && d->stride_w == 1 && d->out_w == d->w &&
-           d->w <= DW_FLAT_MAX_W;
+           d->w <= max_w;
 }
 
 static int stride2_fits(const pcm_conv_desc *d)
@@ -206,7 +219,7 @@ static int stride2_fits(const pcm_conv_desc *d)
 
 int pcm_dw3x3_fits(const pcm_conv_desc *d)
 {
-    return flat_fits(d) ||
+    return flat_fits(d, INT64_MAX) ||
            (depthwise_3x3(d) && d->dilation_h == 1 && d->dilation_w == 1 &&
             (d->stride_w == 1 || d->stride_w == 2) && (d->stride_h == 1 || d->stride_h == 2));
 }
@@ -215,7 +228,7 @@ int pcm_dw3x3_backward_data_fits(const pcm_conv_desc *d) { return stride2_fits(d
 
 int pcm_dw3x3_backward_weight_fits(const pcm_conv_desc *d)
 {
-    return flat_fits(d) || stride2_fits(d);
+    return flat_fits(d, INT64_MAX) || stride2_fits(d);
 }
 
 /* Build the mask table of a flat call (see dw_flat) for vectors of `vl` lanes. Returns 0 when
