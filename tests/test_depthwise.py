@@ -138,9 +138,9 @@ def test_auto_direct_for_strides_1_and_2():
 # output channel per input channel. Stride 1 with output rows as wide as input rows (pads 1
 # and 'same' at dilation 1, pad 2 at dilation 2) runs the flat kernels, which cut vectors across
 # row ends, so the widths sit on both sides of 8 and 16 lanes and the heights include planes
-# shorter than the kernel. Stride 2 with pads 0 to 2 runs the parity-class input gradient and
-# the strided weight gradient. Widths above 64 run the row kernel forward next to the flat
-# weight gradient, and pad 0 at stride 1 keeps the older plane kernels in the grid.
+# shorter than the kernel. Stride 2 with pads 0 to 2 runs the row kernel forward, the
+# parity-class input gradient and the strided weight gradient. Pad 0 at stride 1 keeps the row
+# kernel and the older plane kernels in the grid.
 GRID_WIDTHS = (1, 2, 3, 7, 8, 9, 14, 15, 16, 17, 23, 24, 31, 32, 33, 40)
 GRID_HEIGHTS = (1, 2, 3, 5, 6, 9, 4, 7)
 
