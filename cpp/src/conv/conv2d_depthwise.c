@@ -37,6 +37,7 @@ typedef struct dw_flat {
     int64_t off[9];
     int64_t nvec, mid0, mid1;
     int64_t dilation_w;
+    int center_full; /* column tap 1 lies in the image for every output (pad_left == dilation_w) */
     uint16_t tail;
 } dw_flat;
 
@@ -242,6 +243,7 @@ static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f)
     const int64_t w = d->w, plane = d->out_h * d->out_w;
     f->nvec = (plane + vl - 1) / vl;
     f->dilation_w = d->dilation_w;
+    f->center_full = d->pad_left == d->dilation_w;
     f->masks = malloc((size_t)pcm_max64(f->nvec * 9, 1) * sizeof(uint16_t));
     if (f->masks == NULL)
         return 0;
