@@ -135,9 +135,9 @@ def test_auto_direct_for_strides_1_and_2():
 
 
 # Grid of the depthwise 3x3 kernels' paths, (n, c, h, w, stride, padding, dilation) with one
-# output channel per input channel. Stride 1 with output rows as wide as input rows (pads 1
-# and 'same' at dilation 1, pad 2 at dilation 2) runs the flat kernels, which cut vectors across
-# row ends, so the widths sit on both sides of 8 and 16 lanes and the heights include planes
+# output channel per input channel. Stride 1 with output rows as wide as input rows runs the
+# flat kernels: pads 1 and 'same' at dilation 1, pad 2 at dilation 2. Those cut vectors across
+# row ends, so the widths sit on both sides of 8 and 16 lanes, and the heights include planes
 # shorter than the kernel. Stride 2 with pads 0 to 2 runs the row kernel forward, the
 # parity-class input gradient and the strided weight gradient. Pad 0 at stride 1 keeps the row
 # kernel and the older plane kernels in the grid.
@@ -178,7 +178,10 @@ def grid_desc(case):
 
 
 def run_kernels(case, x, weight, bias, grad, algorithm, threads):
-    """Return forward, input, weight and bias gradients from the C kernels, NaN-filled first."""
+    """Return the forward output and the input, weight and bias gradients of the C kernels.
+
+    Every output array starts as NaN, so an element that a kernel leaves unwritten fails.
+    """
     n, c, h, w, stride, padding, dilation = case
     desc = grid_desc(case)
     exec_ = Plan(algorithm=algorithm, threads=threads).exec_struct()
@@ -267,9 +270,9 @@ def test_weight_gradient_same_for_every_thread_count(stride, dtype):
                          ids=grid_id)
 def test_infinity_across_row_end_stays_out(case, dtype, column, tap):
     # The flat kernels load vectors that run across row ends, and the strided ones load whole
-    # vectors of columns, then mask lanes. An infinity in the last input column is read by
-    # column taps 1 and 2 only (pad 1), one in the first column by taps 0 and 1 only: outputs
-    # that do not read it, and the weight gradient of the other column tap, must stay finite.
+    # vectors of columns, then mask lanes. At pad 1, only column taps 1 and 2 read the last
+    # input column, and only taps 0 and 1 read the first. So with infinities in one of them,
+    # the outputs that do not read them and the weight gradient of the other tap stay finite.
     x, weight, bias, grad = grid_arrays(case, dtype, seed=11)
     x[:, :, 1::3, column] = np.inf
     out, _, grad_weight, _ = run_kernels(case, x, weight, bias, grad, "direct", 1)

@@ -12,26 +12,28 @@
 /* Output rows computed together, one accumulator each. */
 #define DW_ROWS 8
 
-/* Vectors of outputs a weight-gradient lane sums in the working precision before its sum
- * moves to float64. */
+/* Maximum number of vectors of outputs whose products a weight-gradient lane sums in the
+ * working precision before the lane sums are added to float64 totals. */
 #define DW_FLUSH_OUTPUTS 512
 
 /* Channels of one weight-gradient task. */
 #define DW_CHANNEL_BLOCK 32
-/* Software prefetch of the cache line DW_PREFETCH_BYTES ahead of p in a stream the kernels
- * read in order. At batch 8 the weight gradient ran 2.5 times faster with it (1.7 to 0.69 ms
- * on a 8x128x56x56 layer, AMD EPYC Zen 4, one thread): the hardware prefetchers did not keep
- * up with two input streams that jump between planes. */
+
+/* Software prefetch of the cache line DW_PREFETCH_BYTES ahead of p, in a stream that a kernel
+ * reads in order. The hardware prefetchers did not keep up with the weight gradient's two
+ * input streams: with this prefetch, a 8x128x56x56 float32 weight gradient took 0.69 ms
+ * instead of 1.7 ms (one thread, AMD EPYC Zen 4). */
 #define DW_PREFETCH_BYTES 1024
 #define DW_PREFETCH(p) _mm_prefetch((const char *)(p) + DW_PREFETCH_BYTES, _MM_HINT_T0)
 #define DW_PREFETCH_AT(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 
-/* Flat layout of one call (stride 1, output rows as wide as input rows): the plane is nvec
- * vectors of output elements; masks[v * 9 + t] enables the lanes of vector v whose tap t lies
- * in the image (and whose output lies in the plane), for taps t = 3 * i + j; off[t] is the
- * flat input offset of tap t. In vectors [mid0, mid1) every kernel row lies in the image for
- * every lane, so masks[v * 9 + t] equals masks[v * 9 + t % 3] there. tail enables the lanes
- * of the last vector that lie in the plane. */
+/* Flat layout of one call, for stride 1 with output rows as wide as input rows. An output
+ * plane is nvec vectors of consecutive output elements, and tap t = 3 * i + j of output
+ * element o reads input element o + off[t]. masks[v * 9 + t] enables the lanes of vector v
+ * whose output lies in the plane and whose tap t lies in the image. In the vectors
+ * [mid0, mid1), every kernel row lies in the image for every lane and plain loads of every tap
+ * stay inside the input plane, so masks[v * 9 + t] equals masks[v * 9 + t % 3] there. tail
+ * enables the lanes of the last vector that lie in the plane. */
 typedef struct dw_flat {
     uint16_t *masks;
     int64_t off[9];
@@ -64,7 +66,7 @@ ISA_TARGET static inline __mmask16 dw_mask16(int64_t lo, int64_t hi)
     return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
-/* Sum of the lanes in float64, so that a plane's sum is rounded once more at most. */
+/* Returns the sum of the lanes, added in float64. */
 ISA_TARGET static inline double dw_reduce_ps(__m512 v)
 {
     const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
@@ -207,9 +209,9 @@ static int depthwise_3x3(const pcm_conv_desc *d)
 #endif
 }
 
-/* Flat layout (see dw_flat). With the lane shifts and prefetches, the flat forward beat the
- * row kernel at every width measured (14 to 112), most at 56 (0.7 against 1.06 ms for
- * 8x128x56x56, float32, one thread), so stride 1 runs the row kernel only where the output
+/* Whether the flat kernels (see dw_flat) compute this layer. The flat forward beat the row
+ * kernel at every width measured, from 14 to 112 (at 56: 0.7 against 1.06 ms for
+ * 8x128x56x56 float32, one thread). So stride 1 runs the row kernel only where the output
  * rows are narrower than the input rows. */
 static int flat_fits(const pcm_conv_desc *d)
 {
@@ -251,8 +253,8 @@ static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f)
         f->off[t] = ((t / 3) * d->dilation_h - d->pad_top) * w + (t % 3) * d->dilation_w -
                     d->pad_left;
 
-    /* Each vector is cut into segments of one output row; in a segment, the lanes of one tap
-     * that read inside the image form one range. */
+    /* Each vector is cut into segments that lie in one output row. In a segment, the lanes
+     * whose tap reads inside the image form one range. */
     f->mid0 = f->mid1 = f->nvec;
     for (int64_t v = 0; v < f->nvec; ++v) {
         uint16_t *m = f->masks + v * 9;
