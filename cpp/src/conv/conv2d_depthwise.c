@@ -26,6 +26,8 @@
 #define DW_PREFETCH_BYTES 1024
 #define DW_PREFETCH(p) _mm_prefetch((const char *)(p) + DW_PREFETCH_BYTES, _MM_HINT_T0)
 #define DW_PREFETCH_AT(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define DW_PREFETCH_WRITE(p) __builtin_prefetch((const char *)(p) + DW_PREFETCH_BYTES, 1, 3)
+#define DW_PREFETCH_WRITE_AT(p) __builtin_prefetch((const char *)(p), 1, 3)
 
 /* Flat layout of one call, for stride 1 with output rows as wide as input rows. An output
  * plane is nvec vectors of consecutive output elements, and tap t = 3 * i + j of output
