@@ -311,10 +311,9 @@ static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f)
     }                                                                                          \
     pcm_status pcm_dw3x3_backward_weight_##SUFFIX(const pcm_conv_desc *d, const pcm_exec *e,  \
                                                   const T *grad_output, const T *input,       \
-                                                  T *grad_weight, T *grad_bias)               \
+                                                  T *grad_weight)                              \
     {                                                                                          \
-        IF_AVX512(return weight_driver_##SUFFIX(d, e, grad_output, input, grad_weight,         \
-                                                grad_bias));                                   \
+        IF_AVX512(return weight_driver_##SUFFIX(d, e, grad_output, input, grad_weight));       \
         return PCM_ERR_UNSUPPORTED;                                                            \
     }
 

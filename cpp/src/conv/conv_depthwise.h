@@ -34,15 +34,13 @@ PCM_INTERNAL pcm_status pcm_dw3x3_backward_data_f32(const pcm_conv_desc *d, cons
 PCM_INTERNAL pcm_status pcm_dw3x3_backward_data_f64(const pcm_conv_desc *d, const pcm_exec *e,
                                                     const double *grad_output,
                                                     const double *weight, double *grad_input);
-/* Either gradient pointer may be NULL. Per lane, the products of at most 512 output vectors
- * are summed in the working precision, and those sums are added in float64. */
+/* Per lane, the products of at most 512 output vectors are summed in the working precision,
+ * and those sums are added in float64. The bias gradient is left to the caller. */
 PCM_INTERNAL pcm_status pcm_dw3x3_backward_weight_f32(const pcm_conv_desc *d, const pcm_exec *e,
                                                       const float *grad_output,
-                                                      const float *input, float *grad_weight,
-                                                      float *grad_bias);
+                                                      const float *input, float *grad_weight);
 PCM_INTERNAL pcm_status pcm_dw3x3_backward_weight_f64(const pcm_conv_desc *d, const pcm_exec *e,
                                                       const double *grad_output,
-                                                      const double *input, double *grad_weight,
-                                                      double *grad_bias);
+                                                      const double *input, double *grad_weight);
 
 #endif /* PYCONVMPI_CONV_DEPTHWISE_H */
