@@ -138,9 +138,10 @@ def test_auto_direct_for_strides_1_and_2():
 # output channel per input channel. Stride 1 with output rows as wide as input rows runs the
 # flat kernels: pads 1 and 'same' at dilation 1, pad 2 at dilation 2. Those cut vectors across
 # row ends, so the widths sit on both sides of 8 and 16 lanes, and the heights include planes
-# shorter than the kernel. Stride 2 with pads 0 to 2 runs the row kernel forward, the
-# parity-class input gradient and the strided weight gradient. Pad 0 at stride 1 keeps the row
-# kernel and the older plane kernels in the grid.
+# shorter than the kernel. Rows of up to two vectors at pad_left 1 run the narrow-row kernels
+# instead, so pads (0, 1) and (2, 1) check their top and bottom rows. Stride 2 with pads 0 to 2
+# runs the row kernel forward, the parity-class input gradient and the strided weight
+# gradient. Pad 0 at stride 1 keeps the row kernel and the older plane kernels in the grid.
 GRID_WIDTHS = (1, 2, 3, 7, 8, 9, 14, 15, 16, 17, 23, 24, 31, 32, 33, 40)
 GRID_HEIGHTS = (1, 2, 3, 5, 6, 9, 4, 7)
 
@@ -160,7 +161,9 @@ def grid_cases():
     cases += [(2, 3, 7, 56, 1, 1, 1), (1, 2, 9, 63, 1, 1, 1), (1, 2, 5, 64, 1, 1, 1),
               (2, 2, 6, 65, 1, 1, 1), (1, 2, 4, 70, 1, 1, 1), (1, 2, 3, 112, 1, 1, 1),
               (1, 2, 9, 57, 2, 1, 1), (2, 2, 8, 112, 2, 1, 1), (1, 3, 6, 20, 1, 0, 1),
-              (1, 3, 17, 17, 1, 0, 2), (0, 3, 5, 9, 1, 1, 1), (0, 3, 9, 9, 2, 1, 1)]
+              (1, 3, 17, 17, 1, 0, 2), (0, 3, 5, 9, 1, 1, 1), (0, 3, 9, 9, 2, 1, 1),
+              (2, 3, 7, 14, 1, (0, 1), 1), (1, 2, 6, 9, 1, (2, 1), 1), (1, 2, 5, 27, 1, (0, 1), 1),
+              (1, 2, 4, 31, 1, (2, 1), 1), (1, 2, 6, 40, 1, (0, 1), 1)]
     return cases
 
 

@@ -16,6 +16,14 @@
  * working precision before the lane sums are added to float64 totals. */
 #define DW_FLUSH_OUTPUTS 512
 
+/* Vectors per row of the widest rows the narrow-row forward takes. */
+#define NARROW_MAX_VECTORS 2
+
+/* Kernels of the weight gradient. */
+#define DW_WEIGHT_STRIDE2 0
+#define DW_WEIGHT_FLAT 1
+#define DW_WEIGHT_NARROW 2
+
 /* Channels of one weight-gradient task. */
 #define DW_CHANNEL_BLOCK 32
 
@@ -46,6 +54,7 @@ typedef struct dw_flat {
 } dw_flat;
 
 static int flat_fits(const pcm_conv_desc *d);
+static int narrow_fits(const pcm_conv_desc *d, int vl);
 static int stride2_fits(const pcm_conv_desc *d);
 static int flat_plan(const pcm_conv_desc *d, int vl, dw_flat *f);
 
@@ -218,6 +227,14 @@ static int depthwise_3x3(const pcm_conv_desc *d)
 static int flat_fits(const pcm_conv_desc *d)
 {
     return depthwise_3x3(d) && d->stride_h == 1 && d->stride_w == 1 && d->out_w == d->w;
+}
+
+/* Whether the narrow-row forward (rows of at most two vectors of `vl` lanes) computes this
+ * layer: a flat layer with dilation 1 and pad_left 1. */
+static int narrow_fits(const pcm_conv_desc *d, int vl)
+{
+    return flat_fits(d) && d->dilation_h == 1 && d->dilation_w == 1 && d->pad_left == 1 &&
+           d->w <= NARROW_MAX_VECTORS * vl;
 }
 
 static int stride2_fits(const pcm_conv_desc *d)
