@@ -16,7 +16,7 @@
  * working precision before the lane sums are added to float64 totals. */
 #define DW_FLUSH_OUTPUTS 512
 
-/* Vectors per row of the widest rows the narrow-row forward takes. */
+/* Vectors per row of the widest rows the narrow-row kernels take. */
 #define NARROW_MAX_VECTORS 2
 
 /* Kernels of the weight gradient. */
@@ -229,8 +229,8 @@ static int flat_fits(const pcm_conv_desc *d)
     return depthwise_3x3(d) && d->stride_h == 1 && d->stride_w == 1 && d->out_w == d->w;
 }
 
-/* Whether the narrow-row forward (rows of at most two vectors of `vl` lanes) computes this
- * layer: a flat layer with dilation 1 and pad_left 1. */
+/* Whether the narrow-row kernels (rows of at most two vectors of `vl` lanes, forward and
+ * weight gradient) compute this layer: a flat layer with dilation 1 and pad_left 1. */
 static int narrow_fits(const pcm_conv_desc *d, int vl)
 {
     return flat_fits(d) && d->dilation_h == 1 && d->dilation_w == 1 && d->pad_left == 1 &&
