@@ -41,9 +41,9 @@
  * plane is nvec vectors of consecutive output elements, and tap t = 3 * i + j of output
  * element o reads input element o + off[t]. masks[v * 9 + t] enables the lanes of vector v
  * whose output lies in the plane and whose tap t lies in the image. In the vectors
- * [mid0, mid1), every kernel row lies in the image for every lane and plain loads of every tap
- * stay inside the input plane, so masks[v * 9 + t] equals masks[v * 9 + t % 3] there. tail
- * enables the lanes of the last vector that lie in the plane. */
+ * [mid0, mid1), every kernel row lies in the image for every lane, so masks[v * 9 + t] equals
+ * masks[v * 9 + t % 3] there. Plain loads of every tap of those vectors also stay inside the
+ * input plane. tail enables the lanes of the last vector that lie in the plane. */
 typedef struct dw_flat {
     uint16_t *masks;
     int64_t off[9];
