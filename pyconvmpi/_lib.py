@@ -162,9 +162,15 @@ _SIGNATURES = [
 ]
 
 
-def _declare(library):
+def _declare(library, path):
     for name, restype, argtypes in _SIGNATURES:
-        function = getattr(library, name)
+        try:
+            function = getattr(library, name)
+        except AttributeError:
+            raise ImportError(
+                f"pyconvmpi: {path} has no function {name}, so it is older than this Python "
+                f"package; rebuild with 'pip install .'"
+            ) from None
         function.restype = restype
         function.argtypes = argtypes
 
@@ -186,8 +192,8 @@ def _check_abi(library, path):
 
 
 lib, library_path = _load()
-_declare(lib)
 _check_abi(lib, library_path)
+_declare(lib, library_path)
 logger.info("loaded %s (version %s)", library_path, lib.pcm_version().decode())
 
 

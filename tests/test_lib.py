@@ -7,7 +7,11 @@ else.
 """
 
 import ctypes
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +461,40 @@ def test_kernels_overwrite_nan_outputs_exactly(seed, dtype):
                 tolerances.assert_close(view, value, scale, dtype=np.dtype(dtype), terms=terms,
                                         factor=tolerances.ALGORITHM_FACTOR[algorithm],
                                         label=label)
+
+
+def _stale_library(tmp_path, abi):
+    """Build a library that exports only the ABI and struct-size functions."""
+    source = tmp_path / "stale.c"
+    source.write_text(
+        "#include <stdint.h>\n"
+        f"int pcm_abi_version(void) {{ return {abi}; }}\n"
+        f"int64_t pcm_sizeof_conv_desc(void) {{ return {ctypes.sizeof(_lib.ConvDesc)}; }}\n"
+        f"int64_t pcm_sizeof_exec(void) {{ return {ctypes.sizeof(_lib.Exec)}; }}\n"
+    )
+    library = tmp_path / "libstale.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def _import_error_with(library):
+    env = {**os.environ, "PYCONVMPI_LIBRARY": str(library)}
+    done = subprocess.run([sys.executable, "-c", "import pyconvmpi"], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_older_library_fails_import_by_name(tmp_path):
+    message = _import_error_with(_stale_library(tmp_path, _lib.ABI_VERSION))
+    assert message.startswith("ImportError:")
+    assert "has no function pcm_" in message
+    assert "rebuild" in message
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_other_abi_fails_import(tmp_path):
+    message = _import_error_with(_stale_library(tmp_path, _lib.ABI_VERSION - 1))
+    assert message.startswith("ImportError:")
+    assert f"ABI version {_lib.ABI_VERSION - 1}" in message

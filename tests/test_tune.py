@@ -147,6 +147,19 @@ def test_enumerate_tiles_within_layer_and_read():
                 assert config[tile] == 0
 
 
+def test_winograd_searched_only_on_request():
+    geo = geo_of("2x16x16x16:16x3x3:p1")
+    assert _lib.algorithm_supported("winograd", "forward", desc_struct(geo))
+
+    def searched(**options):
+        ctx = sp.Context(geo, "forward", 1, 1, 2, **options)
+        return {c["algorithm"] for c in sp.enumerate_configs(ctx)}
+
+    assert "winograd" not in searched()
+    assert "winograd" in searched(allow_winograd=True)
+    assert searched(fixed=(("algorithm", "winograd"),)) == {"winograd"}
+
+
 def test_enumerate_only_supported_algorithms():
     for direction in sp.SEARCH_DIRECTIONS:
         geo = geo_of("2x8x16x16:8x3x3:s2:d2")
@@ -452,6 +465,14 @@ def test_cli_run_show_clear(tmp_path):
     cleared = run_tune(["--clear", "--profile", str(path)], tmp_path)
     assert cleared.returncode == 0
     assert not path.exists()
+
+
+def test_cli_show_corrupt_profile_fails(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text("{ not json")
+    shown = run_tune(["--show", "--profile", str(path)], tmp_path)
+    assert shown.returncode == 1
+    assert "is not valid JSON" in shown.stdout
 
 
 def test_cli_killed_run_resumes_from_journal(tmp_path):

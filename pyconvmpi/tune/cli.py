@@ -118,6 +118,10 @@ def build_parser():
 
     parser.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                         help="pin a search parameter to one value (repeatable)")
+    parser.add_argument("--allow-winograd", action="store_true",
+                        help="also search the Winograd algorithm: faster on some 3x3 layers, "
+                        "but with several times the rounding error of the others, and infinite "
+                        "inputs give NaN (default: left out)")
     parser.add_argument("--mode", choices=("auto", "collective", "local"), default="auto",
                         help="collective: one call over all ranks, searching ranks and "
                         "strategies; local: every rank runs its own local call, as in data-"
@@ -278,6 +282,8 @@ def main(argv=None):
                 sys.stdout.write(f"{'removed' if removed else 'no profile at'} {path}\n")
             if args.show:
                 sys.stdout.write(show(path))
+                if profile.read_file(path)[1] is not None:
+                    return 1  # the file exists but cannot be used
         return 0
 
     try:
@@ -387,10 +393,12 @@ def _tune(session, layers, fixed, path, started):
             entries, winners = [], {}
             for direction in directions:
                 default = session.run(("default", direction))
-                ctx = sp.Context(geo, direction, comm_size, per_node, cores, collective, fixed)
+                ctx = sp.Context(geo, direction, comm_size, per_node, cores, collective, fixed,
+                                 allow_winograd=args.allow_winograd)
                 space = sp.Space(ctx)
                 key = profile.key_dict(geo, direction, dtype, comm_size, per_node)
                 name = profile.key_string(key) + f"|seed={args.seed}"
+                name += "|winograd" if args.allow_winograd else ""
                 study = _search.make_study(storage, name + ("|grid" if args.exhaustive else ""),
                                            args.seed)
                 ranks_here = min(default.active_ranks, per_node) if collective else per_node

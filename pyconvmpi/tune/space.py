@@ -36,6 +36,11 @@ TILES_READ = {
 TILE_CHOICES = (0, 4, 8, 16, 32, 64)
 # The reference algorithm is a scalar test path, never the fastest; the tuner leaves it out.
 SEARCH_ALGORITHMS = tuple(a for a in _lib.ALGORITHMS if a != "reference")
+# Winograd rounds each output with its whole input tile (several times the error of direct
+# summation) and turns infinite or near-overflow inputs into NaN, so a profile would change
+# results behind the caller's back. It is searched only on request (--allow-winograd) or when
+# pinned with --fix algorithm=winograd.
+OPT_IN_ALGORITHMS = ("winograd",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Context:
     cores: int = 1
     collective: bool = False
     fixed: tuple = ()  # ((name, value), ...) from --fix
+    allow_winograd: bool = False
 
 
 class Parameter(NamedTuple):
@@ -113,9 +119,12 @@ def _threads(ctx, values):
 
 def _algorithm(ctx, values):
     desc = desc_struct(ctx.geo)
+    requested = {"winograd"} if ctx.allow_winograd else set()
+    requested.update(v for k, v in ctx.fixed if k == "algorithm")
     return tuple(
         name for name in SEARCH_ALGORITHMS
-        if all(_lib.algorithm_supported(name, op, desc) for op in DIRECTION_OPS[ctx.direction])
+        if (name not in OPT_IN_ALGORITHMS or name in requested)
+        and all(_lib.algorithm_supported(name, op, desc) for op in DIRECTION_OPS[ctx.direction])
     )
 
 

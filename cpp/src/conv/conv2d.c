@@ -82,16 +82,16 @@ static int64_t choose_algorithm(const pcm_exec *exec, int op, const pcm_conv_des
         return ((cg <= 4 && pcm_simd_direct_fits(d)) || pcm_dw3x3_fits(d)) ? PCM_ALGO_DIRECT
                                                                            : PCM_ALGO_GEMM;
     case PCM_OP_BACKWARD_DATA:
-        return (kg <= 4 && unit_stride && d->s <= PCM_DIRECT_S_MAX) ? PCM_ALGO_DIRECT
-                                                                      : PCM_ALGO_GEMM;
+        return ((kg <= 4 && unit_stride && d->s <= PCM_DIRECT_S_MAX) ||
+                pcm_dw3x3_backward_data_fits(d)) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
     default:
-        /* Depthwise 3x3: the direct plane kernel sums in place, where im2col would copy
+        /* Depthwise 3x3: the direct plane kernels sum in place, where im2col would copy
          * every 14-wide row segment nine times. Few channels: the few-channel kernel sums
          * shifted input rows in place, where im2col would copy each input element r * s
          * times. */
         return ((d->c == d->groups && d->k == d->groups && d->r == 3 && d->s == 3 &&
-                 d->stride_w == 1) || pcm_fewchan_weight_fits(d)) ? PCM_ALGO_DIRECT
-                                                                  : PCM_ALGO_GEMM;
+                 d->stride_w == 1) || pcm_dw3x3_backward_weight_fits(d) ||
+                pcm_fewchan_weight_fits(d)) ? PCM_ALGO_DIRECT : PCM_ALGO_GEMM;
     }
 }
 
