@@ -162,15 +162,19 @@ pcm_status pcm_peak_gflops(int dtype, int64_t threads, double seconds, double *g
 #define T float
 #define SUFFIX f32
 #define DTYPE PCM_FLOAT32
+#define T_IS_DOUBLE 0
 #include "conv2d_fast.inc"
 #undef T
 #undef SUFFIX
 #undef DTYPE
+#undef T_IS_DOUBLE
 
 #define T double
 #define SUFFIX f64
 #define DTYPE PCM_FLOAT64
+#define T_IS_DOUBLE 1
 #include "conv2d_fast.inc"
 #undef T
 #undef SUFFIX
 #undef DTYPE
+#undef T_IS_DOUBLE
