@@ -6,6 +6,7 @@ ValueError for a bad value or shape. Messages read ``<function>: <argument> <rul
 
 import logging
 import operator
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -121,7 +122,10 @@ def _other_to_numpy(value, name, fn, allow_none):
         )
     if isinstance(value, np.ndarray):
         return value
-    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
+    # A tensor exists only once torch is imported, so the package never imports it here.
+    # isinstance also accepts tensor subclasses defined outside torch, as PyTorch does.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         return _torch_to_numpy(value, name, fn)
     raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got {type(value).__name__}")
 

@@ -62,7 +62,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     -------
     ndarray
         ``(N, out_channels, H_out, W_out)`` (3-D for unbatched input) in the input's dtype;
-        ``None`` on ranks other than 0 for ``placement="root"``.
+        ``None`` on ranks other than 0 for ``placement="root"``. Subnormal inputs and results
+        are flushed to zero, unlike PyTorch's default, except by the ``"reference"``
+        algorithm; the caller's floating-point state is restored.
 
     Raises
     ------

@@ -57,8 +57,18 @@ def row_bands(rows, ranks):
     The first ``rows % ranks`` ranks get one row more. For ``placement="rows"`` rank ``r``
     passes input rows ``row_bands(H, size)[r]`` and receives output rows
     ``row_bands(H_out, size)[r]``.
+
+    Raises TypeError unless both are integers (bools excluded), and ValueError unless
+    ``rows`` is in [0, 2**56] and ``ranks`` is positive.
     """
-    return [_lib.row_band(rows, ranks, rank) for rank in range(ranks)]
+    fn = "row_bands"
+    number = V._as_int(rows)
+    if number is None:
+        raise TypeError(f"{fn}: rows must be a non-negative integer; got {rows!r}")
+    if not 0 <= number <= V.MAX_VALUE:
+        raise ValueError(f"{fn}: rows must be in [0, {V.MAX_VALUE}]; got {rows!r}")
+    count = V.positive_int(ranks, "ranks", fn)
+    return [_lib.row_band(number, count, rank) for rank in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -216,7 +216,8 @@ def entry_problem(entry):
             if not _lib.algorithm_supported(plan.algorithm, op, desc):
                 return f"algorithm {plan.algorithm!r} no longer supports this layer"
         _tuple_from_key(key)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as exc:
+        # ArithmeticError: a stride or groups of zero divides by zero in the size formulas.
         return f"malformed entry ({type(exc).__name__}: {exc})"
     return None
 
@@ -228,12 +229,14 @@ def read_file(path):
     ``problem`` is None, or a short text that says why the whole file was ignored.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes()
     except FileNotFoundError:
         return {}, None
     except OSError as exc:
         return {}, f"cannot be read ({exc.strerror})"
     try:
+        # json.loads decodes bytes itself; bytes that are not UTF-8 raise UnicodeDecodeError,
+        # a ValueError, so a binary file is reported like any other corrupt file.
         data = json.loads(text)
     except ValueError:
         return {}, "is not valid JSON (corrupt or truncated)"

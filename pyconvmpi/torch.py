@@ -98,8 +98,30 @@ def _agree(comm, error, fn):
             raise RemoteRankError(f"{fn}: rank {rank} rejected its arguments: {message}")
 
 
+def _strides_like_channels_last(tensor):
+    """Return whether a 4-D tensor's strides order it like torch.channels_last.
+
+    Follows ``is_channels_last_strides_2d`` of PyTorch's c10/core/MemoryFormat.h, which
+    decides the memory format that torch.nn.functional.conv2d gives its output. Ambiguous
+    tensors, such as those with one channel and a 1 x 1 image, count as contiguous, as there.
+    """
+    if tensor.dim() != 4:
+        return False
+    sizes, strides = tensor.shape, tensor.stride()
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        if sizes[dim] == 0 or strides[dim] < smallest:
+            return False
+        if dim == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[dim] * (sizes[dim] if sizes[dim] > 1 else 1)
+    return True
+
+
 def _numpy(tensor):
-    return None if tensor is None else tensor.detach().numpy()
+    # numpy() refuses tensors with the lazy negation or conjugation bit set (from
+    # torch._neg_view, for example); resolving them copies only such tensors.
+    return None if tensor is None else tensor.detach().resolve_neg().resolve_conj().numpy()
 
 
 def _from_numpy(array):
@@ -132,6 +154,11 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, options):
+        # PyTorch returns a channels_last output when the input (with a batch dimension added
+        # if it has none) or the weight is channels_last, and later layers keep that format.
+        batched = input.dim() == 4
+        channels_last = _strides_like_channels_last(
+            input if batched else input.unsqueeze(0)) or _strides_like_channels_last(weight)
         # A strided view is copied once here and backward uses the copy, so the backward
         # pass does not copy it again.
         input = input.contiguous()
@@ -142,7 +169,12 @@ class _Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight)
         ctx.options = options
         ctx.has_bias = bias is not None
-        return torch.from_numpy(output)
+        output = torch.from_numpy(output)
+        if channels_last and batched:
+            output = output.contiguous(memory_format=torch.channels_last)
+        elif channels_last:
+            output = output.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -219,8 +251,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     Returns
     -------
     torch.Tensor or None
-        The output, sharing memory with the library's result; None on ranks other than 0
-        with ``placement="root"``.
+        The output; None on ranks other than 0 with ``placement="root"``. As in PyTorch, it
+        is channels_last when the input or the weight is, and then a copy of the library's
+        result; otherwise it shares memory with that result.
 
     Raises
     ------
@@ -235,19 +268,26 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     UnsupportedError
         During backward with ``create_graph=True``: double backward is not supported.
     """
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, comm, placement,
+                   strategy)
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, comm, placement, strategy,
+            error=None):
+    """Run ``conv2d``; ``error``, raised earlier on this rank, is agreed on like a bad tensor."""
     fn = "pyconvmpi.torch.conv2d"
     _check_comm(comm, fn)
     options = _Options(stride, padding, dilation, groups, comm, placement, strategy)
     # Ranks other than 0 pass no tensors in the root placement.
     reads_tensors = comm is None or placement != "root" or comm.Get_rank() == 0
 
-    error = None
-    try:
-        _distributed.check_names(placement, strategy, fn)
-        if reads_tensors:
-            _check_tensors(input, weight, bias, fn)
-    except (TypeError, ValueError) as exc:
-        error = exc
+    if error is None:
+        try:
+            _distributed.check_names(placement, strategy, fn)
+            if reads_tensors:
+                _check_tensors(input, weight, bias, fn)
+        except (TypeError, ValueError) as exc:
+            error = exc
     _agree(comm, error, fn)
 
     if placement == "root" and comm is not None:
@@ -353,14 +393,22 @@ class Conv2d(torch.nn.Conv2d):
         self._comm = _SharedHandle(value)
 
     def _conv_forward(self, input, weight, bias):
-        options = dict(comm=self.comm, placement=self.placement, strategy=self.strategy)
-        if self.padding_mode != "zeros":
-            if input is not None:
+        comm, placement, strategy = self.comm, self.placement, self.strategy
+        if self.padding_mode == "zeros":
+            return _conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                           self.groups, comm, placement, strategy)
+        error = None
+        if input is not None:
+            try:
                 input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv2d(input, weight, bias, self.stride, _pair(0), self.dilation, self.groups,
-                          **options)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                      **options)
+            except Exception as exc:
+                # F.pad raises RuntimeError for an input too small to reflect, among others.
+                # Under a communicator the other ranks must raise too instead of waiting.
+                if comm is None:
+                    raise
+                error = exc
+        return _conv2d(input, weight, bias, self.stride, _pair(0), self.dilation, self.groups,
+                       comm, placement, strategy, error)
 
     def extra_repr(self):
         text = super().extra_repr()

@@ -186,3 +186,27 @@ def test_thread_count_does_not_change_result(threads):
         plan = pyconvmpi.Plan(threads=threads, algorithm=algorithm)
         out = pyconvmpi.conv2d(x, w, **options, plan=plan)
         np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("channels, kernel", [(2048, 3), (4096, 1)])
+def test_long_sums_match_pytorch_error(algorithm, channels, kernel):
+    # Weights scaled by 1/sqrt(terms) keep the outputs near 1, so the error is the rounding
+    # of a long sum. Summing all 18432 terms in one register chain gives about 12 times
+    # PyTorch's error, which is why the tiles sum in blocks.
+    import torch
+
+    rng = np.random.default_rng(11)
+    terms = channels * kernel * kernel
+    x = rng.standard_normal((2, channels, 6, 6)).astype(np.float32)
+    w = (rng.standard_normal((24, channels, kernel, kernel)) / np.sqrt(terms)).astype(np.float32)
+    pad = kernel // 2
+    exact = reference.forward(x.astype(np.float64), w.astype(np.float64), padding=pad)
+    theirs = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=pad)
+    ours = pyconvmpi.conv2d(x, w, padding=pad, plan=pyconvmpi.Plan(algorithm=algorithm))
+
+    torch_error = np.abs(theirs.numpy() - exact).max()
+    floor = tolerances.eps(np.float32) * np.abs(exact).max()
+    assert np.abs(ours - exact).max() <= 2.5 * torch_error + floor
+    torch.testing.assert_close(torch.from_numpy(ours), theirs)

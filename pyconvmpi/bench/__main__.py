@@ -4,6 +4,7 @@ import argparse
 import logging
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -50,7 +51,26 @@ def parse_args(argv):
         parser.error(f"--batch-scale must be positive; got {args.batch_scale}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1; got {args.repeats}")
+    # Bad layers and output paths are reported before the peak measurement and the timed
+    # runs, instead of as a traceback in the middle or at the end of the run.
+    for text in args.shape:
+        problem = shape_problem(text)
+        if problem is not None:
+            parser.error(problem)
+    if args.json is not None and not Path(args.json).parent.is_dir():
+        parser.error(f"--json: directory {str(Path(args.json).parent)!r} not found")
     return args
+
+
+def shape_problem(text):
+    """Return why conv2d cannot run the layer given as text, or None if it can."""
+    try:
+        layer = layers.parse_shape(text)
+        _validate.geometry(layer.input_shape, layer.weight_shape, layer.stride, layer.padding,
+                           layer.dilation, layer.groups, f"--shape {text}")
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def layer_list(args):
@@ -80,6 +100,8 @@ def shape_text(layer):
         text += f":s{layer.stride}"
     if layer.padding not in (0, "valid"):
         text += f":p{layer.padding}"
+    if layer.dilation != 1:
+        text += f":d{layer.dilation}"
     if layer.groups != 1:
         text += f":g{layer.groups}"
     return text

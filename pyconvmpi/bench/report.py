@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 
 COLUMNS = [
@@ -21,8 +22,10 @@ def geometric_mean(values):
 
 def _cell(fmt, value):
     if value is None:
-        width = int("".join(ch for ch in fmt if ch.isdigit()).split(".")[0] or 0)
-        return "-".rjust(width)
+        # The width is the first number of the format: 9 in "{:>9.3f}", not the 93 that
+        # joining all its digits gives.
+        width = re.search(r"\d+", fmt)
+        return "-".rjust(int(width.group()) if width else 0)
     return fmt.format(value)
 
 

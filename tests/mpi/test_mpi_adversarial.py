@@ -141,3 +141,85 @@ def test_plan_ranks_disagree_on_shape(comm):
     with pytest.raises(ValueError, match=r"plan: ranks disagree on input_shape: rank 1 has "
                                          r"\(3, 3, 8, 8\) but rank 0 has \(2, 3, 8, 8\)"):
         pcm.plan(shape, (4, 3, 3, 3), comm=comm)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_torch_layer_padding_error_reaches_all(comm, padding_mode):
+    """Conv2d padded the input with F.pad before the agreement. A rank whose input F.pad
+    rejected (a 1-row image to reflect by 2) raised alone, and the others waited forever."""
+    torch = pytest.importorskip("torch")
+    import pyconvmpi.torch as pt
+
+    from pyconvmpi.errors import RemoteRankError
+
+    size, last = comm.Get_size(), comm.Get_size() - 1
+    layer = pt.Conv2d(2, 3, 3, padding=2, padding_mode=padding_mode, comm=comm,
+                      placement="batch").double()
+    x = torch.ones(2, 2, 6, 6, dtype=torch.float64)
+    if comm.Get_rank() == last:
+        # Reflect padding of 2 needs 3 rows, circular padding of 2 needs 2 columns.
+        x = x[:, :, :1] if padding_mode == "reflect" else x[:, :, :, :1]
+    expected = RuntimeError if comm.Get_rank() == last else RemoteRankError
+    with pytest.raises(expected):
+        layer(x)
+    good = torch.ones(1, 2, 6, 6, dtype=torch.float64)
+    assert layer(good).shape == (1, 3, 8, 8)
+    if size > 1:
+        assert comm.allreduce(1) == size
+
+
+# Geometries at the edges of the decompositions. Strides past the kernel skip rows between
+# bands, and images of one row or column leave most row bands empty. Padding past the kernel
+# gives bands made only of padding, and kernels reach the size of the padded image.
+EDGE_CASES = [
+    ("stride_past_kernel", (1, 2, 9, 9), (2, 2, 3, 3), dict(stride=4)),
+    ("pointwise_stride3", (1, 2, 9, 9), (2, 2, 1, 1), dict(stride=3)),
+    ("one_row_image", (1, 1, 1, 9), (1, 1, 1, 3), {}),
+    ("one_column_image", (1, 1, 9, 1), (1, 1, 3, 1), dict(padding=(1, 0))),
+    ("padding_past_kernel", (1, 2, 8, 8), (4, 2, 3, 3), dict(padding=(5, 0))),
+    ("kernel_past_image", (1, 2, 3, 3), (1, 2, 7, 7), dict(padding=2)),
+    ("kernel_is_image", (2, 2, 6, 6), (1, 2, 6, 6), {}),
+]
+EDGE_PAIRS = [(p, s) for p in ("replicated", "root")
+              for s in ("batch", "channels", "rows", "hybrid", "auto")]
+EDGE_PAIRS += [("batch", "auto"), ("rows", "auto")]
+
+
+@pytest.mark.parametrize("placement,strategy", EDGE_PAIRS,
+                         ids=[f"{p}-{s}" for p, s in EDGE_PAIRS])
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_geometry_matches_single_process(comm, case, placement, strategy):
+    name, input_shape, weight_shape, options = case
+    rank, size = comm.Get_rank(), comm.Get_size()
+    rng = np.random.default_rng(len(name))
+    x = rng.standard_normal(input_shape)
+    w = rng.standard_normal(weight_shape)
+    b = rng.standard_normal(weight_shape[0])
+    y = pcm.conv2d(x, w, b, **options)
+    go = rng.standard_normal(y.shape)
+    grads = pcm.conv2d_backward(go, x, w, **options)
+    out_rows = in_rows = np.s_[...]
+    if placement == "batch":
+        start, stop = row_bands(input_shape[0], size)[rank]
+        out_rows = in_rows = np.s_[start:stop]
+    elif placement == "rows":
+        start, stop = row_bands(input_shape[2], size)[rank]
+        out_start, out_stop = row_bands(y.shape[2], size)[rank]
+        in_rows, out_rows = np.s_[:, :, start:stop], np.s_[:, :, out_start:out_stop]
+
+    reads = placement != "root" or rank == 0
+    arrays = [a if reads else None for a in (x[in_rows], w, b, go[out_rows])]
+    kwargs = dict(options, comm=comm, placement=placement, strategy=strategy)
+    got = pcm.conv2d(*arrays[:3], **kwargs)
+    got_grads = pcm.conv2d_backward(arrays[3], *arrays[:2], **kwargs)
+    if not reads:
+        assert got is None
+        assert got_grads == (None, None, None)
+        return
+
+    np.testing.assert_allclose(got, y[out_rows], rtol=1e-12, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(got_grads.input, grads.input[in_rows], rtol=1e-12, atol=1e-12,
+                               err_msg=name)
+    np.testing.assert_allclose(got_grads.weight, grads.weight, rtol=1e-10, atol=1e-10,
+                               err_msg=name)
+    np.testing.assert_allclose(got_grads.bias, grads.bias, rtol=1e-10, atol=1e-10, err_msg=name)

@@ -54,6 +54,7 @@ static inline double reduce_pd(__m256d v)
 #define V_MLOAD(p, m) _mm256_maskload_ps((p), (m))
 #define V_MSTORE(p, m, v) _mm256_maskstore_ps((p), (m), (v))
 #define V_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define V_ADD(a, b) _mm256_add_ps((a), (b))
 #define V_REDUCE(v) reduce_ps(v)
 #define V_MASK(lo, hi) range_mask_epi32((lo), (hi))
 #include "tiles.inc"
@@ -68,6 +69,7 @@ static inline double reduce_pd(__m256d v)
 #undef V_MLOAD
 #undef V_MSTORE
 #undef V_FMA
+#undef V_ADD
 #undef V_REDUCE
 #undef V_MASK
 
@@ -82,6 +84,7 @@ static inline double reduce_pd(__m256d v)
 #define V_MLOAD(p, m) _mm256_maskload_pd((p), (m))
 #define V_MSTORE(p, m, v) _mm256_maskstore_pd((p), (m), (v))
 #define V_FMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define V_ADD(a, b) _mm256_add_pd((a), (b))
 #define V_REDUCE(v) reduce_pd(v)
 #define V_MASK(lo, hi) range_mask_epi64((lo), (hi))
 #include "tiles.inc"

@@ -30,6 +30,7 @@ static inline __mmask16 range_mask16(int64_t lo, int64_t hi)
 #define V_MLOAD(p, m) _mm512_maskz_loadu_ps((m), (p))
 #define V_MSTORE(p, m, v) _mm512_mask_storeu_ps((p), (m), (v))
 #define V_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define V_ADD(a, b) _mm512_add_ps((a), (b))
 #define V_REDUCE(v) ((double)_mm512_reduce_add_ps(v))
 #define V_MASK(lo, hi) range_mask16((lo), (hi))
 #include "tiles.inc"
@@ -44,6 +45,7 @@ static inline __mmask16 range_mask16(int64_t lo, int64_t hi)
 #undef V_MLOAD
 #undef V_MSTORE
 #undef V_FMA
+#undef V_ADD
 #undef V_REDUCE
 #undef V_MASK
 
@@ -86,6 +88,7 @@ static inline void transpose8_f64(double *dst, int64_t ldd, const double *src, i
 #define V_MLOAD(p, m) _mm512_maskz_loadu_pd((m), (p))
 #define V_MSTORE(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
 #define V_FMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define V_ADD(a, b) _mm512_add_pd((a), (b))
 #define V_REDUCE(v) _mm512_reduce_add_pd(v)
 #define V_MASK(lo, hi) ((__mmask8)range_mask16((lo) < 8 ? (lo) : 8, (hi) < 8 ? (hi) : 8))
 #include "tiles.inc"

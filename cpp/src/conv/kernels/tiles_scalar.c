@@ -18,6 +18,7 @@
 #define V_MLOAD(p, m) ((m) ? *(p) : 0.0f)
 #define V_MSTORE(p, m, v) do { if (m) *(p) = (v); } while (0)
 #define V_FMA(a, b, c) ((a) * (b) + (c))
+#define V_ADD(a, b) ((a) + (b))
 #define V_REDUCE(v) ((double)(v))
 #define V_MASK(lo, hi) ((lo) <= 0 && (hi) > 0)
 #include "tiles.inc"
