@@ -256,7 +256,7 @@ def test_gradients_match_torch_autograd_of_forward():
     (((5, 96, 9, 11), (32, 96, 1, 1)), {}),
     (((2, 16, 21, 19), (24, 8, 3, 3)), dict(stride=2, padding=1, groups=2)),
 ], ids=["3x3", "1x1", "strided-grouped"])
-def test_float64_gradients_over_pixel_tiles_match_torch(shape, options, threads):
+def test_float64_pixel_tiles_match_torch(shape, options, threads):
     # Layers with more than 256 output pixels, so the float64 weight gradient sums several
     # pixel tiles, some of them spanning two images.
     import torch

@@ -25,8 +25,8 @@ DIRECTION_OPS = {
 # Tile fields each algorithm reads per op; a tile the kernel ignores would only waste trials.
 # Limitation: this table mirrors the kernels of this build (cpp/src/conv/conv2d_fast.*:
 # pcm_choose_tile reads block_k and block_w, the channel loops block_c, pcm_choose_dot
-# block_k). The table has no dtype: the gemm weight gradient reads block_w only in float64
-# (its pixel GEMM tiles), so float32 searches spend some trials on a block_w it ignores.
+# block_k). The table has no dtype, so float32 searches spend some trials on the block_w of
+# the gemm weight gradient, which only its float64 pixel GEMM reads.
 # A kernel that starts reading another tile needs its entry here before the tuner
 # searches that tile.
 TILES_READ = {

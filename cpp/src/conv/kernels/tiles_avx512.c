@@ -57,14 +57,16 @@ static inline void transpose8_f64(double *dst, int64_t ldd, const double *src, i
     for (int i = 0; i < 8; ++i)
         r[i] = _mm512_loadu_pd(src + i * lds);
     for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm512_unpacklo_pd(r[i], r[i + 1]);     /* (0 0)(0 2)(0 4)(0 6) of rows i, i+1 */
-        t[i + 1] = _mm512_unpackhi_pd(r[i], r[i + 1]); /* columns 1, 3, 5, 7 */
+        /* Columns 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi) of rows i and i + 1, interleaved. */
+        t[i] = _mm512_unpacklo_pd(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_pd(r[i], r[i + 1]);
     }
+    /* u[i .. i + 3] hold columns (0, 4), (2, 6), (1, 5) and (3, 7) of rows i .. i + 3. */
     for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0x88);     /* columns 0, 4 */
-        u[i + 1] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0xDD); /* columns 2, 6 */
-        u[i + 2] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0x88); /* columns 1, 5 */
-        u[i + 3] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0xDD); /* columns 3, 7 */
+        u[i] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0x88);
+        u[i + 1] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0xDD);
+        u[i + 2] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0x88);
+        u[i + 3] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0xDD);
     }
     _mm512_storeu_pd(dst + 0 * ldd, _mm512_shuffle_f64x2(u[0], u[4], 0x88));
     _mm512_storeu_pd(dst + 4 * ldd, _mm512_shuffle_f64x2(u[0], u[4], 0xDD));
