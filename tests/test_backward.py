@@ -247,3 +247,31 @@ def test_gradients_match_torch_autograd_of_forward():
 
     np.testing.assert_allclose(grads.input, tx.grad.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grads.weight, tw.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@requires_torch
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, options", [
+    (((3, 24, 15, 15), (40, 24, 3, 3)), dict(padding=1)),
+    (((5, 96, 9, 11), (32, 96, 1, 1)), {}),
+    (((2, 16, 21, 19), (24, 8, 3, 3)), dict(stride=2, padding=1, groups=2)),
+], ids=["3x3", "1x1", "strided-grouped"])
+def test_float64_pixel_tiles_match_torch(shape, options, threads):
+    # Layers with more than 256 output pixels, so the float64 weight gradient sums several
+    # pixel tiles, some of them spanning two images.
+    import torch
+
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal(shape[0])
+    w = rng.standard_normal(shape[1])
+    go = rng.standard_normal(pyconvmpi.conv2d(x, w, **options).shape)
+    tx = torch.from_numpy(x).requires_grad_()
+    tw = torch.from_numpy(w).requires_grad_()
+    torch.nn.functional.conv2d(tx, tw, **options).backward(torch.from_numpy(go))
+
+    grads = pyconvmpi.conv2d_backward(go, x, w, **options, plan=pyconvmpi.Plan(threads=threads))
+
+    scale = float(np.abs(tw.grad.numpy()).max())
+    np.testing.assert_allclose(grads.weight, tw.grad.numpy(), rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(grads.input, tx.grad.numpy(), rtol=0,
+                               atol=1e-13 * float(np.abs(tx.grad.numpy()).max()))

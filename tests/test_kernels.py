@@ -227,6 +227,40 @@ def test_block_c_larger_than_channels_matches_reference():
     check_case(CASES[1], "direct", np.float64, seed=3, exec_fields=dict(block_c=1000))
 
 
+# The float64 weight gradient runs a GEMM over tiles of 256 output pixels of the whole batch
+# (a tile may span images) and channel blocks of at most 256 im2col rows. These cases cross
+# both limits: several tiles with image boundaries inside them, 1x1 layers whose input is
+# transposed image by image, more than one channel block, groups, strides and dilation.
+PIXEL_TILE_CASES = [
+    Case(3, 5, 13, 17, 11, 3, 3, pad=(1, 1, 1, 1)),
+    Case(4, 6, 9, 15, 13, 1, 1),
+    Case(3, 300, 5, 7, 9, 1, 1),
+    Case(2, 40, 12, 12, 20, 3, 3, pad=(1, 1, 1, 1), groups=2),
+    Case(2, 30, 11, 13, 17, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1)),
+    Case(1, 9, 20, 30, 26, 3, 5, stride=(1, 2), pad=(2, 1, 0, 3), dilation=(2, 1)),
+    Case(2, 3, 40, 40, 19, 7, 7, stride=(2, 2), pad=(3, 3, 3, 3)),
+]
+PIXEL_TILE_EXECS = (None, dict(block_c=7), dict(block_k=8, block_w=16), dict(block_k=24),
+                    dict(block_k=3, block_w=8))
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("index", range(len(PIXEL_TILE_CASES)),
+                         ids=lambda i: repr(PIXEL_TILE_CASES[i]))
+def test_float64_pixel_tiles_match_reference(index, threads):
+    case = PIXEL_TILE_CASES[index]
+    for fields in PIXEL_TILE_EXECS:
+        check_case(case, "gemm", np.float64, seed=300 + index, exec_fields=fields,
+                   threads=threads)
+
+
+@pytest.mark.parametrize("index", range(len(PIXEL_TILE_CASES)),
+                         ids=lambda i: repr(PIXEL_TILE_CASES[i]))
+def test_float32_pixel_tile_cases_match_reference(index):
+    # The same geometries through the float32 dot tiles and the shared weight packing.
+    check_case(PIXEL_TILE_CASES[index], "gemm", np.float32, seed=300 + index, threads=2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ("avx2", "scalar"))
 def test_lower_simd_levels_match_reference(level):
@@ -237,7 +271,7 @@ def test_lower_simd_levels_match_reference(level):
     assert probe.stdout.strip() == level
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-         "-k", "forced_algorithm or every_tile_size"],
+         "-k", "forced_algorithm or every_tile_size or pixel_tile"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -25,13 +25,15 @@ DIRECTION_OPS = {
 # Tile fields each algorithm reads per op; a tile the kernel ignores would only waste trials.
 # Limitation: this table mirrors the kernels of this build (cpp/src/conv/conv2d_fast.*:
 # pcm_choose_tile reads block_k and block_w, the channel loops block_c, pcm_choose_dot
-# block_k). A kernel that starts reading another tile needs its entry here before the tuner
+# block_k). The table has no dtype, so float32 searches spend some trials on the block_w of
+# the gemm weight gradient, which only its float64 pixel GEMM reads.
+# A kernel that starts reading another tile needs its entry here before the tuner
 # searches that tile.
 TILES_READ = {
     ("direct", "forward"): ("block_k", "block_c", "block_w"),
     ("gemm", "forward"): ("block_k", "block_c", "block_w"),
     ("gemm", "backward_data"): ("block_k", "block_c", "block_w"),
-    ("gemm", "backward_weight"): ("block_k", "block_c"),
+    ("gemm", "backward_weight"): ("block_k", "block_c", "block_w"),
 }
 TILE_CHOICES = (0, 4, 8, 16, 32, 64)
 # The reference algorithm is a scalar test path, never the fastest; the tuner leaves it out.

@@ -86,9 +86,10 @@ const pcm_tile *pcm_choose_tile(const pcm_tile_set *set, int64_t rows, int64_t c
     return choose_tile(set, rows, cols, e, 0);
 }
 
-/* Tile of a GEMM whose im2col rows are gathered (narrow output rows): the X panel of such a
- * tile spans many small images and outgrows L1, so each tile step should load few X vectors
- * and broadcast many weights. Tiles set through block_k or block_w are left as asked. */
+/* Tile of a GEMM whose B rows lie far apart: im2col rows gathered from many small images, or
+ * the grad_output planes of the strided backward data. Such a B panel outgrows L1, so each
+ * tile step should load few B vectors and broadcast many weights. Tiles set through block_k
+ * or block_w are left as asked. */
 static const pcm_tile *choose_gather_tile(const pcm_tile_set *set, int64_t rows, int64_t cols,
                                           const pcm_exec *e)
 {
@@ -162,15 +163,19 @@ pcm_status pcm_peak_gflops(int dtype, int64_t threads, double seconds, double *g
 #define T float
 #define SUFFIX f32
 #define DTYPE PCM_FLOAT32
+#define T_IS_DOUBLE 0
 #include "conv2d_fast.inc"
 #undef T
 #undef SUFFIX
 #undef DTYPE
+#undef T_IS_DOUBLE
 
 #define T double
 #define SUFFIX f64
 #define DTYPE PCM_FLOAT64
+#define T_IS_DOUBLE 1
 #include "conv2d_fast.inc"
 #undef T
 #undef SUFFIX
 #undef DTYPE
+#undef T_IS_DOUBLE

@@ -1,7 +1,7 @@
 /* Register-tile micro-kernels shared by the fast convolution drivers.
  *
  * Each ISA (AVX-512, AVX2 + FMA, portable scalar) instantiates the same kernels from tiles.inc
- * (GEMM, direct and dot tiles, the plane kernel and an FMA loop) for float32 and float64. The
+ * (GEMM, direct and dot tiles, the plane kernel, a transpose and an FMA loop) for float32 and float64. The
  * drivers pick a set at run time with pcm_tiles().
  * All lengths are element counts. Loads that could leave an array are masked, so a tile never
  * reads outside the rows it is given and never writes outside the columns it stores. */
@@ -100,6 +100,9 @@ typedef void (*pcm_direct_tile_fn)(const pcm_direct_args *args);
 typedef void (*pcm_dot_tile_fn)(const pcm_dot_args *args);
 typedef void (*pcm_plane_fn)(const pcm_plane_args *args);
 typedef void (*pcm_plane_dot_fn)(const pcm_plane_dot_args *args);
+/* dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (element counts). */
+typedef void (*pcm_transpose_fn)(void *dst, int64_t ldd, const void *src, int64_t lds,
+                                 int64_t rows, int64_t cols);
 
 /* One register tile: kb output channels by xv vectors of output columns. */
 typedef struct pcm_tile {
@@ -126,6 +129,7 @@ typedef struct pcm_tile_set {
     double (*fma_loop)(int64_t iterations);
     pcm_plane_fn plane;
     pcm_plane_dot_fn plane_dot3x3;
+    pcm_transpose_fn transpose;
 } pcm_tile_set;
 
 #define PCM_DECLARE_TILE_SET(isa)                                                             \

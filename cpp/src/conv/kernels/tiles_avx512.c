@@ -49,8 +49,38 @@ static inline __mmask16 range_mask16(int64_t lo, int64_t hi)
 #undef V_REDUCE
 #undef V_MASK
 
+/* Transpose one 8 x 8 block of doubles: pairs of rows interleave, then 128-bit lanes are
+ * gathered twice. */
+static inline void transpose8_f64(double *dst, int64_t ldd, const double *src, int64_t lds)
+{
+    __m512d r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i)
+        r[i] = _mm512_loadu_pd(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        /* Columns 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi) of rows i and i + 1, interleaved. */
+        t[i] = _mm512_unpacklo_pd(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_pd(r[i], r[i + 1]);
+    }
+    /* u[i .. i + 3] hold columns (0, 4), (2, 6), (1, 5) and (3, 7) of rows i .. i + 3. */
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0x88);
+        u[i + 1] = _mm512_shuffle_f64x2(t[i], t[i + 2], 0xDD);
+        u[i + 2] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0x88);
+        u[i + 3] = _mm512_shuffle_f64x2(t[i + 1], t[i + 3], 0xDD);
+    }
+    _mm512_storeu_pd(dst + 0 * ldd, _mm512_shuffle_f64x2(u[0], u[4], 0x88));
+    _mm512_storeu_pd(dst + 4 * ldd, _mm512_shuffle_f64x2(u[0], u[4], 0xDD));
+    _mm512_storeu_pd(dst + 2 * ldd, _mm512_shuffle_f64x2(u[1], u[5], 0x88));
+    _mm512_storeu_pd(dst + 6 * ldd, _mm512_shuffle_f64x2(u[1], u[5], 0xDD));
+    _mm512_storeu_pd(dst + 1 * ldd, _mm512_shuffle_f64x2(u[2], u[6], 0x88));
+    _mm512_storeu_pd(dst + 5 * ldd, _mm512_shuffle_f64x2(u[2], u[6], 0xDD));
+    _mm512_storeu_pd(dst + 3 * ldd, _mm512_shuffle_f64x2(u[3], u[7], 0x88));
+    _mm512_storeu_pd(dst + 7 * ldd, _mm512_shuffle_f64x2(u[3], u[7], 0xDD));
+}
+
 #define T double
 #define SFX f64_avx512
+#define V_TRANSPOSE8(dst, ldd, src, lds) transpose8_f64((dst), (ldd), (src), (lds))
 #define VL 8
 #define VEC __m512d
 #define MASK __mmask8
