@@ -303,6 +303,18 @@ def test_choose_algorithm_few_channels_uses_direct():
                                  exec_) == "gemm"
 
 
+def test_choose_algorithm_input_gradient_of_first_layers():
+    exec_ = Plan().exec_struct()
+    mnist_first = Case(64, 1, 28, 28, 32, 3, 3)
+    rgb_small = Case(16, 3, 32, 32, 64, 3, 3, pad=(1, 1, 1, 1))
+    rgb_large = Case(8, 3, 224, 224, 64, 3, 3, pad=(1, 1, 1, 1))
+    rgb_strided = Case(8, 3, 224, 224, 64, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1))
+    assert _lib.choose_algorithm("backward_data", mnist_first.desc(), exec_) == "direct"
+    assert _lib.choose_algorithm("backward_data", rgb_small.desc(), exec_) == "direct"
+    assert _lib.choose_algorithm("backward_data", rgb_large.desc(), exec_) == "gemm"
+    assert _lib.choose_algorithm("backward_data", rgb_strided.desc(), exec_) == "gemm"
+
+
 def test_choose_algorithm_returns_forced_choice():
     exec_ = Plan(algorithm="reference").exec_struct()
     assert _lib.choose_algorithm("forward", CASES[0].desc(), exec_) == "reference"
