@@ -191,20 +191,30 @@ def test_depthwise_stride2_gradients_exact():
                                                                           w.shape, **options))
 
 
-def test_float64_weight_grad_reproducible():
-    """The float64 weight gradient (gemm_weight_pixels) handed out its tasks dynamically. With
-    2 or more threads, each call then summed different tasks per thread, and the result changed
-    in the last bits from one identical call to the next (by up to 2e-13 here)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 5, 66, 70))
-    w = rng.standard_normal((18, 5, 3, 3))
-    go = rng.standard_normal((3, 18, 64, 68))
-    for algorithm in ("auto", "gemm"):
+REPRODUCIBLE_CASES = [
+    ((3, 5, 66, 70), (18, 5, 3, 3), {}, ("auto", "gemm")),
+    ((9, 6, 16, 24), (28, 3, 3, 3), dict(padding=1, dilation=2, groups=2), ("auto", "direct")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(REPRODUCIBLE_CASES)), ids=["gemm", "fewchan"])
+def test_float64_weight_grad_reproducible(case):
+    """The float64 weight gradient (gemm_weight_pixels) and the few-channel weight and bias
+    gradient handed out their tasks dynamically. With 2 or more threads, each call then summed
+    different tasks per thread, and the result changed in the last bits from one identical
+    call to the next (by up to 2e-13 here)."""
+    xs, ws, options, algorithms = REPRODUCIBLE_CASES[case]
+    rng = np.random.default_rng(case)
+    x = rng.standard_normal(xs)
+    w = rng.standard_normal(ws)
+    go = rng.standard_normal(pcm.conv2d(x, w, **options).shape)
+    for algorithm in algorithms:
         plan = pcm.Plan(algorithm=algorithm, threads=3)
-        first = pcm.conv2d_backward(go, x, w, need=("weight",), plan=plan).weight
+        first = pcm.conv2d_backward(go, x, w, need=("weight", "bias"), plan=plan, **options)
         for _ in range(5):
-            again = pcm.conv2d_backward(go, x, w, need=("weight",), plan=plan).weight
-            np.testing.assert_array_equal(again, first)
+            again = pcm.conv2d_backward(go, x, w, need=("weight", "bias"), plan=plan, **options)
+            np.testing.assert_array_equal(again.weight, first.weight)
+            np.testing.assert_array_equal(again.bias, first.bias)
 
 
 # Layers of the new kernels (depthwise flat, narrow and stride-2, few-channel, float64 pixel
