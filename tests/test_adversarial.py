@@ -372,6 +372,23 @@ def test_winograd_large_finite_input_stays_finite():
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
 
 
+@pytest.mark.xfail(strict=True, reason="C kernel 'winograd': backward data transforms whole "
+                   "4x4 tiles, so an input element that one product reaches gets the rounding "
+                   "of its tile neighbours, about 1000 times the tolerance of its own scale")
+def test_winograd_grad_input_corner_within_tolerance():
+    """Valid padding: grad_input[3, 0] is the single product go[1, 0] * w[2, 0]. Winograd
+    gives 0.0006836653 where the product is 0.00068359374 (relative error 1e-4, 880 eps),
+    while its tile neighbours sum products of weights 1."""
+    w = np.ones((1, 1, 3, 3), np.float32)
+    w[0, 0, 2, 0] = 2.0 ** -10
+    go = np.array([[[[1.0, 0.3], [0.7, 1.0]]]], np.float32)
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    got = pcm.conv2d_backward(go, x, w, need=("input",), plan=pcm.Plan(algorithm="winograd"))
+    assert_close(got.input, reference.backward_input(go, x.shape, w),
+                 reference.abs_backward_input(go, x.shape, w), dtype=np.float32, terms=9,
+                 factor=ALGORITHM_FACTOR["winograd"], label="winograd grad_input")
+
+
 # --- Subnormal numbers ----------------------------------------------------------------------
 
 
