@@ -7,8 +7,11 @@ with asymmetric padding, and checks for every case and every algorithm the libra
 - NaN placed in input elements no output reads changes nothing (no over-reads);
 - the result at other thread counts stays within the bound.
 
-Usage: python tests/fuzz_kernels.py FAMILY CASES SEED [THREADS...]
-FAMILY is depthwise, fewchan, general or f64weight. Prints one line per failure and a summary.
+Usage, with PYTHONPATH set to the repository and its tests folder:
+    python tests/fuzz_kernels.py FAMILY CASES SEED [THREADS...]
+FAMILY is depthwise, fewchan, general or f64weight. The script prints one line per failure and
+a summary. THREADS-BITS lines are expected for weight gradients: their sums are split by thread.
+Set PYCONVMPI_SIMD=avx2 or scalar before the run to test the other tile sets.
 """
 
 import sys
