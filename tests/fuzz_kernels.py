@@ -9,7 +9,7 @@ with asymmetric padding, and checks for every case and every algorithm the libra
 
 Usage, with PYTHONPATH set to the repository and its tests folder:
     python tests/fuzz_kernels.py FAMILY CASES SEED [THREADS...]
-FAMILY is depthwise, fewchan, general or f64weight. The script prints one line per failure and
+FAMILY is depthwise, fewchan, general, f64weight or wide. The script prints one line per failure and
 a summary. THREADS-BITS lines are expected for weight gradients: their sums are split by thread.
 Set PYCONVMPI_SIMD=avx2 or scalar before the run to test the other tile sets.
 """
@@ -59,6 +59,11 @@ def random_case(rng, family):
         groups = int(rng.choice([1, 1, 2]))
         c = groups * int(rng.integers(1, 21))
         k = groups * int(rng.integers(1, 21))
+    elif family == "wide":
+        # Long reductions for the blocked sums of the register tiles.
+        groups = int(rng.choice([1, 1, 2]))
+        c = groups * int(rng.integers(1, 300))
+        k = groups * int(rng.integers(1, 40))
     else:
         groups = int(rng.choice([1, 1, 1, 2, 4]))
         c = groups * int(rng.integers(1, 6))
