@@ -141,8 +141,8 @@ def _warm_up(layers, args, dtype, peak, use_torch):
     """Time the first layer once and drop the result.
 
     With two threads, the first layer timed in a process ran about 10 times slower in both
-    libraries than the same layer timed again later (cause not identified; the start of the
-    two OpenMP thread pools is the likely one), so that first measurement is discarded.
+    libraries than the same layer timed again later, so that first measurement is discarded.
+    The cause is not identified; the start of the two OpenMP thread pools is the likely one.
     """
     for layer in layers:
         try:
