@@ -239,6 +239,10 @@ PIXEL_TILE_CASES = [
     Case(2, 30, 11, 13, 17, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1)),
     Case(1, 9, 20, 30, 26, 3, 5, stride=(1, 2), pad=(2, 1, 0, 3), dilation=(2, 1)),
     Case(2, 3, 40, 40, 19, 7, 7, stride=(2, 2), pad=(3, 3, 3, 3)),
+    # At least 32 output channels per group and a spatial kernel on small planes: float32
+    # runs these on the pixel GEMM too.
+    Case(3, 5, 13, 17, 37, 3, 3, pad=(1, 1, 1, 1)),
+    Case(2, 12, 10, 10, 66, 3, 3, pad=(1, 1, 1, 1), groups=2),
 ]
 PIXEL_TILE_EXECS = (None, dict(block_c=7), dict(block_k=8, block_w=16), dict(block_k=24),
                     dict(block_k=3, block_w=8))
@@ -254,11 +258,15 @@ def test_float64_pixel_tiles_match_reference(index, threads):
                    threads=threads)
 
 
+@pytest.mark.parametrize("threads", (1, 2, 3))
 @pytest.mark.parametrize("index", range(len(PIXEL_TILE_CASES)),
                          ids=lambda i: repr(PIXEL_TILE_CASES[i]))
-def test_float32_pixel_tile_cases_match_reference(index):
-    # The same geometries through the float32 dot tiles and the shared weight packing.
-    check_case(PIXEL_TILE_CASES[index], "gemm", np.float32, seed=300 + index, threads=2)
+def test_float32_pixel_tile_cases_match_reference(index, threads):
+    # The same geometries in float32: the dot tiles, or the pixel GEMM with float32 tile sums
+    # added to float64 copies for the last two cases.
+    for fields in PIXEL_TILE_EXECS:
+        check_case(PIXEL_TILE_CASES[index], "gemm", np.float32, seed=300 + index,
+                   exec_fields=fields, threads=threads)
 
 
 @pytest.mark.slow
