@@ -7,8 +7,8 @@ tiles of output channels x output rows x vectors of output columns over staged i
 The cases therefore put output widths on both sides of 4, 8 and 16 lanes and heights below and
 above its 8-row blocks, and some images are wide or tall enough to need several staging steps.
 The
-weight-gradient kernel masks the columns outside the image and past the row's end, so it sees
-the same widths. Forward outputs start as NaN, so an element a kernel leaves unwritten fails.
+weight-gradient kernel masks the columns outside the image and past the row's end, so the same
+widths test its masks. Forward outputs start as NaN, so an element a kernel leaves unwritten fails.
 """
 
 import os

@@ -470,9 +470,9 @@ def test_cli_run_show_clear(tmp_path):
 def test_cli_show_corrupt_profile_fails(tmp_path):
     path = tmp_path / "profile.json"
     path.write_text("{ not json")
-    shown = run_tune(["--show", "--profile", str(path)], tmp_path)
-    assert shown.returncode == 1
-    assert "is not valid JSON" in shown.stdout
+    result = run_tune(["--show", "--profile", str(path)], tmp_path)
+    assert result.returncode == 1
+    assert "is not valid JSON" in result.stdout
 
 
 def test_cli_killed_run_resumes_from_journal(tmp_path):

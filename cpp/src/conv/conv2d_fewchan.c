@@ -1,6 +1,6 @@
-/* Few-channel convolution (1-4 input channels per group, horizontal stride 1; forward up to 8
- * and weight gradients up to 16 output channels per group): image filters and first layers,
- * for float32 and float64, with AVX-512, AVX2 + FMA and portable kernels chosen at run time.
+/* Few-channel convolution for image filters and first layers: 1-4 input channels per group,
+ * horizontal stride 1, up to 8 output channels per group forward and 16 for weight gradients.
+ * Float32 and float64 have AVX-512, AVX2 + FMA and portable kernels, chosen at run time.
  *
  * Forward: with so few channels, output channels alone cannot fill a register tile. A tile
  * therefore keeps KB output channels x RB output rows x XV vectors of output columns in
